@@ -1,0 +1,134 @@
+//! What a CRM sink implements.
+//!
+//! Every write carries a deterministic key (the contact's e-mail or identity
+//! key, the activity key of a contribution), so replaying a batch after a
+//! crash changes nothing.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{http::HttpError, model::Contribution};
+
+/// Find an existing contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContactLookup {
+    Email(String),
+    /// The handle kept in the contact's per-platform handle property.
+    Handle { platform: String, handle: String },
+}
+
+/// Create or update the contact of one author.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContactUpsert {
+    /// `platform:author id`: the unique key of authors without e-mail.
+    pub identity: String,
+    /// When set, the contact is matched (and created) by e-mail.
+    pub email: Option<String>,
+    pub platform: String,
+    pub handle: Option<String>,
+    pub display_name: Option<String>,
+    pub profile_url: Option<String>,
+}
+
+/// Create or update the activity of one contribution on its contact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityUpsert {
+    /// Deterministic: [`Contribution::activity_key`].
+    pub key: String,
+    pub contact_id: String,
+    pub contribution: Contribution,
+}
+
+/// Figures about one contact, computed by the daemon from what it delivered.
+/// They are absolute values, so writing them twice changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollup {
+    pub contact_id: String,
+    pub last_contribution_at: DateTime<Utc>,
+    pub last_platform: String,
+    pub contribution_count: u64,
+    /// Every platform the person was seen on, sorted.
+    pub platforms: Vec<String>,
+    /// Mean sentiment over all contributions, -1..1.
+    pub sentiment_avg: f64,
+    pub questions: u64,
+    pub complaints: u64,
+    pub ideas: u64,
+    pub praise: u64,
+}
+
+/// The CRM's answer for one record of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordOutcome<T> {
+    Done(T),
+    /// The CRM refused this record for good (validation); its own message.
+    Rejected(String),
+}
+
+/// What `crm setup` did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SetupReport {
+    pub created: Vec<String>,
+    pub existing: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrmError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("the CRM refused the credentials: {0}")]
+    Auth(String),
+    #[error("the CRM is rate limiting us; retry in {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    #[error("the CRM failed: {0}")]
+    Transient(String),
+    #[error("the CRM answered something this connector cannot read: {0}")]
+    Decode(String),
+    #[error("local CRM store: {0}")]
+    Io(String),
+}
+
+impl CrmError {
+    /// How long to wait at least before the next attempt, when the CRM said so.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CrmError::RateLimited { retry_after } => Some(*retry_after),
+            CrmError::Http(HttpError::RateLimited { retry_after, .. }) => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// The system of record. Tributary extends it, never replaces it.
+#[async_trait]
+pub trait Crm: Send + Sync {
+    /// The CRM's name, e.g. `hubspot`.
+    fn kind(&self) -> &'static str;
+
+    /// Checks that the CRM answers and accepts the credentials.
+    async fn check(&self) -> Result<(), CrmError>;
+
+    /// Creates the custom fields Tributary writes; safe to run twice.
+    async fn setup(&self, platforms: &[String]) -> Result<SetupReport, CrmError>;
+
+    async fn find_contact(&self, lookup: &ContactLookup) -> Result<Option<String>, CrmError>;
+
+    /// One outcome per input, in input order; `Done` carries the contact id.
+    async fn upsert_contacts(
+        &self,
+        contacts: &[ContactUpsert],
+    ) -> Result<Vec<RecordOutcome<String>>, CrmError>;
+
+    /// One outcome per input, in input order; `Done` carries the activity id.
+    /// Each activity is associated with its contact.
+    async fn upsert_activities(
+        &self,
+        activities: &[ActivityUpsert],
+    ) -> Result<Vec<RecordOutcome<String>>, CrmError>;
+
+    /// One outcome per input, in input order.
+    async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError>;
+}

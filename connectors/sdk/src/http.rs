@@ -1,0 +1,461 @@
+//! The one HTTP client every connector uses.
+//!
+//! It owns what every platform needs and no connector should write again:
+//! a rate limit of its own (governor), timeouts, gzip, a cap on body size,
+//! retries with exponential backoff and full jitter on 429, 5xx and network
+//! errors, and a gate that honours `Retry-After` and the platforms'
+//! rate-limit headers: once a server says "wait", no request leaves this
+//! client before the time it named.
+//!
+//! Errors and logs name the target as scheme, host and path only: query
+//! strings and headers may carry credentials and are never shown.
+
+use std::{
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use reqwest::{
+    RequestBuilder, StatusCode,
+    header::{HeaderMap, RETRY_AFTER},
+};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+/// How a client behaves; every field has a sensible default.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub user_agent: String,
+    /// Time for one whole request, connect to last byte.
+    pub timeout: Duration,
+    /// Attempts after the first one, for 429, 5xx and network errors.
+    pub max_retries: u32,
+    /// Client-side limit; `None` relies on the server's headers alone.
+    pub requests_per_second: Option<NonZeroU32>,
+    /// A larger body is refused with [`HttpError::BodyTooLarge`].
+    pub max_body_bytes: usize,
+    /// The longest server-requested wait honoured inside one call; a longer
+    /// one returns [`HttpError::RateLimited`] so the caller can reschedule.
+    pub max_inline_wait: Duration,
+    /// First backoff step; doubles each attempt, capped at 30 s, jittered.
+    pub backoff_base: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            user_agent: concat!("tributary/", env!("CARGO_PKG_VERSION")).to_owned(),
+            timeout: Duration::from_secs(30),
+            max_retries: 4,
+            requests_per_second: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            max_inline_wait: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("request to {target} timed out")]
+    Timeout { target: String },
+    #[error("cannot reach {target}: {message}")]
+    Connect { target: String, message: String },
+    #[error("{target} is rate limiting us; retry in {retry_after:?}")]
+    RateLimited { target: String, retry_after: Duration },
+    #[error("{target} answered HTTP {status} after {attempts} attempt(s): {body}")]
+    Status { target: String, status: u16, attempts: u32, body: String },
+    #[error("{target} sent a body larger than {limit} bytes")]
+    BodyTooLarge { target: String, limit: usize },
+    #[error("{target} sent a body that cannot be read: {message}")]
+    Decode { target: String, message: String },
+    #[error("cannot build the request: {0}")]
+    Request(String),
+}
+
+impl HttpError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HttpError::Timeout { .. } | HttpError::Connect { .. } => true,
+            HttpError::RateLimited { .. } => true,
+            HttpError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// A response whose body was read in full (within the size cap).
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// scheme://host/path of the request, safe to show.
+    pub target: String,
+}
+
+impl HttpResponse {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
+        serde_json::from_slice(&self.body).map_err(|error| HttpError::Decode {
+            target: self.target.clone(),
+            message: error.to_string(),
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// The body as text for an error message: lossy, at most 1 KiB.
+    pub fn body_snippet(&self) -> String {
+        snippet(&self.body)
+    }
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(1024)]);
+    text.trim().to_owned()
+}
+
+/// Cheap to clone: clones share the connection pool, the limiter and the gate.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: reqwest::Client,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// No request leaves before this instant (set from Retry-After and
+    /// exhausted rate-limit headers).
+    gate: Arc<Mutex<Option<Instant>>>,
+    options: HttpOptions,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    pub fn new(options: HttpOptions) -> Result<HttpClient, HttpError> {
+        let inner = reqwest::Client::builder()
+            .user_agent(options.user_agent.clone())
+            .timeout(options.timeout)
+            .connect_timeout(options.timeout.min(Duration::from_secs(10)))
+            .gzip(true)
+            .build()
+            .map_err(|error| HttpError::Request(error.without_url().to_string()))?;
+        let limiter = options
+            .requests_per_second
+            .map(|rate| Arc::new(RateLimiter::direct(Quota::per_second(rate))));
+        Ok(HttpClient { inner, limiter, gate: Arc::new(Mutex::new(None)), options })
+    }
+
+    pub fn options(&self) -> &HttpOptions {
+        &self.options
+    }
+
+    pub fn get(&self, url: impl reqwest::IntoUrl) -> RequestBuilder {
+        self.inner.get(url)
+    }
+
+    pub fn post(&self, url: impl reqwest::IntoUrl) -> RequestBuilder {
+        self.inner.post(url)
+    }
+
+    pub fn request(&self, method: reqwest::Method, url: impl reqwest::IntoUrl) -> RequestBuilder {
+        self.inner.request(method, url)
+    }
+
+    /// Sends a request, retrying what is worth retrying. Any final answer
+    /// that is not 429 or 5xx is returned as is (4xx included) for the
+    /// connector to interpret.
+    pub async fn send(&self, request: RequestBuilder) -> Result<HttpResponse, HttpError> {
+        let request = request.build().map_err(|error| HttpError::Request(error.without_url().to_string()))?;
+        let target = safe_target(request.url());
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            self.wait_for_gate().await;
+            if let Some(limiter) = &self.limiter {
+                limiter.until_ready().await;
+            }
+            let Some(this_try) = request.try_clone() else {
+                return Err(HttpError::Request("a streaming body cannot be retried".into()));
+            };
+            let outcome = self.inner.execute(this_try).await;
+            let retry_in = match outcome {
+                Ok(response) => {
+                    let status = response.status();
+                    let headers = response.headers().clone();
+                    self.note_rate_limit_headers(&headers);
+                    let body = read_capped(response, self.options.max_body_bytes, &target).await?;
+                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                    if !retryable {
+                        tracing::debug!(%target, status = status.as_u16(), attempt, "http response");
+                        return Ok(HttpResponse { status, headers, body, target });
+                    }
+                    let server_wait = server_wait(&headers);
+                    tracing::warn!(
+                        %target, status = status.as_u16(), attempt,
+                        retry_after_ms = server_wait.map(|w| w.as_millis() as u64),
+                        "retryable http status"
+                    );
+                    if let Some(wait) = server_wait {
+                        self.close_gate_for(wait);
+                        if wait > self.options.max_inline_wait {
+                            return Err(HttpError::RateLimited { target, retry_after: wait });
+                        }
+                    }
+                    if attempt > self.options.max_retries {
+                        if status == StatusCode::TOO_MANY_REQUESTS {
+                            let retry_after = server_wait.unwrap_or(self.backoff(attempt));
+                            return Err(HttpError::RateLimited { target, retry_after });
+                        }
+                        return Err(HttpError::Status {
+                            target,
+                            status: status.as_u16(),
+                            attempts: attempt,
+                            body: snippet(&body),
+                        });
+                    }
+                    server_wait.unwrap_or_else(|| self.backoff(attempt))
+                }
+                Err(error) => {
+                    let failure = if error.is_timeout() {
+                        HttpError::Timeout { target: target.clone() }
+                    } else {
+                        HttpError::Connect { target: target.clone(), message: error.without_url().to_string() }
+                    };
+                    tracing::warn!(%target, attempt, error = %failure, "http request failed");
+                    if attempt > self.options.max_retries {
+                        return Err(failure);
+                    }
+                    self.backoff(attempt)
+                }
+            };
+            tokio::time::sleep(retry_in).await;
+        }
+    }
+
+    /// Sends and decodes a JSON answer; any non-2xx status is an error.
+    pub async fn send_json<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, HttpError> {
+        let response = self.send(request).await?;
+        if !response.status.is_success() {
+            return Err(HttpError::Status {
+                target: response.target.clone(),
+                status: response.status.as_u16(),
+                attempts: 1,
+                body: response.body_snippet(),
+            });
+        }
+        response.json()
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self.options.backoff_base.saturating_mul(1 << attempt.min(16));
+        let cap = exp.min(Duration::from_secs(30));
+        let jittered = rand::rng().random_range(0.5..=1.0) * cap.as_secs_f64();
+        Duration::from_secs_f64(jittered)
+    }
+
+    async fn wait_for_gate(&self) {
+        loop {
+            let until = *self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match until {
+                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                _ => return,
+            }
+        }
+    }
+
+    fn close_gate_for(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut gate = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if gate.is_none_or(|current| current < until) {
+            *gate = Some(until);
+        }
+    }
+
+    /// When a success says the budget is spent, wait for its reset before
+    /// the next request instead of provoking a 429.
+    fn note_rate_limit_headers(&self, headers: &HeaderMap) {
+        const REMAINING: [&str; 4] =
+            ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
+        let spent = REMAINING
+            .iter()
+            .filter_map(|name| header_f64(headers, name))
+            .any(|remaining| remaining < 1.0);
+        if spent && let Some(reset) = reset_wait(headers) {
+            self.close_gate_for(reset.min(self.options.max_inline_wait));
+        }
+    }
+}
+
+fn header_f64(headers: &HeaderMap, name: &str) -> Option<f64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// How long the server asked us to wait, from Retry-After (seconds or an
+/// HTTP date) or a rate-limit reset header.
+fn server_wait(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
+        let value = value.trim();
+        if let Ok(seconds) = value.parse::<f64>() {
+            return Some(Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)));
+        }
+        if let Ok(date) = chrono::DateTime::parse_from_rfc2822(value) {
+            let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
+            return Some(wait.to_std().unwrap_or(Duration::ZERO));
+        }
+    }
+    reset_wait(headers)
+}
+
+/// Reset headers come as seconds from now (Reddit, IETF draft) or as a Unix
+/// time (GitHub, X); a value past 10^9 can only be the latter.
+fn reset_wait(headers: &HeaderMap) -> Option<Duration> {
+    const RESET: [&str; 3] = ["x-ratelimit-reset", "ratelimit-reset", "x-rate-limit-reset"];
+    let value = RESET.iter().find_map(|name| header_f64(headers, name))?;
+    let seconds = if value > 1e9 { value - chrono::Utc::now().timestamp() as f64 } else { value };
+    Some(Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)))
+}
+
+async fn read_capped(mut response: reqwest::Response, limit: usize, target: &str) -> Result<Vec<u8>, HttpError> {
+    if response.content_length().is_some_and(|length| length as usize > limit) {
+        return Err(HttpError::BodyTooLarge { target: target.to_owned(), limit });
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(HttpError::BodyTooLarge { target: target.to_owned(), limit });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(error) if error.is_timeout() => return Err(HttpError::Timeout { target: target.to_owned() }),
+            Err(error) => {
+                return Err(HttpError::Decode { target: target.to_owned(), message: error.without_url().to_string() });
+            }
+        }
+    }
+}
+
+/// scheme://host[:port]/path: never the query, which may hold credentials.
+pub fn safe_target(url: &reqwest::Url) -> String {
+    let mut target = format!("{}://{}", url.scheme(), url.host_str().unwrap_or("?"));
+    if let Some(port) = url.port() {
+        target.push_str(&format!(":{port}"));
+    }
+    target.push_str(url.path());
+    target
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant as StdInstant;
+
+    use wiremock::{
+        Mock, MockServer, ResponseTemplate,
+        matchers::{method, path},
+    };
+
+    use super::*;
+
+    fn fast_client() -> HttpClient {
+        HttpClient::new(HttpOptions {
+            backoff_base: Duration::from_millis(5),
+            timeout: Duration::from_millis(500),
+            max_retries: 3,
+            ..HttpOptions::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_then_returns_success() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/x"))
+            .respond_with(ResponseTemplate::new(503))
+            .up_to_n_times(2)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET")).and(path("/x")).respond_with(ResponseTemplate::new(200).set_body_string("ok")).mount(&server).await;
+        let client = fast_client();
+        let response = client.send(client.get(format!("{}/x", server.uri()))).await.unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body, b"ok");
+        assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn honours_retry_after_before_the_next_request() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+        let client = fast_client();
+        let started = StdInstant::now();
+        client.send(client.get(format!("{}/a", server.uri()))).await.unwrap();
+        // The gate holds for every request of this client, not just the retried one.
+        client.send(client.get(format!("{}/b", server.uri()))).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(1), "a request left before Retry-After");
+        assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn long_retry_after_is_handed_back_to_the_caller() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "3600"))
+            .mount(&server)
+            .await;
+        let client = fast_client();
+        let error = client.send(client.get(format!("{}/q?api_key=hunter2", server.uri()))).await.unwrap_err();
+        match &error {
+            HttpError::RateLimited { retry_after, .. } => assert_eq!(retry_after.as_secs(), 3600),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(!error.to_string().contains("hunter2"), "query string leaked: {error}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_body_over_the_cap_and_times_out_cleanly() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/big"))
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(vec![b'a'; 10 * 1024 * 1024]))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/slow"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let client = fast_client();
+        let big = client.send(client.get(format!("{}/big", server.uri()))).await.unwrap_err();
+        assert!(matches!(big, HttpError::BodyTooLarge { .. }), "{big:?}");
+        let slow = client.send(client.get(format!("{}/slow", server.uri()))).await.unwrap_err();
+        assert!(matches!(slow, HttpError::Timeout { .. }), "{slow:?}");
+        assert_eq!(server.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/slow").count(), 4);
+    }
+
+    #[test]
+    fn reset_headers_accept_seconds_and_unix_times() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-ratelimit-reset", "30".parse().unwrap());
+        assert_eq!(reset_wait(&headers), Some(Duration::from_secs(30)));
+        let later = chrono::Utc::now().timestamp() + 100;
+        headers.insert("x-ratelimit-reset", later.to_string().parse().unwrap());
+        let wait = reset_wait(&headers).unwrap().as_secs();
+        assert!((98..=100).contains(&wait), "{wait}");
+    }
+}
