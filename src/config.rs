@@ -1,0 +1,663 @@
+//! The TOML configuration: keyed tables, `deny_unknown_fields` everywhere,
+//! connectors a closed set chosen by `type`, secrets only by reference.
+//!
+//! Loading collects every problem it can find (each section is read on its
+//! own) and reports each with file, line, column, key and a hint. Secret
+//! values never appear in a problem: a plain string where a secret belongs
+//! is reported without echoing it.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    num::NonZeroU32,
+    ops::Range,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue, ValueDeserializer},
+};
+use tributary_sdk::SecretRef;
+
+/// sysexits' EX_CONFIG: the exit code of a bad configuration.
+pub const EX_CONFIG: i32 = 78;
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub crm: CrmConfig,
+    pub sources: BTreeMap<String, SourceConfig>,
+}
+
+/// `[daemon]`: the process itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where state is kept: `sqlite:///var/lib/tributary/state.db`
+    /// (absolute) or `sqlite://relative/state.db`.
+    #[serde(default = "default_state")]
+    pub state: String,
+    /// Address of the health, status and metrics endpoints.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// `text` (journald-friendly lines) or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Contributions delivered to the CRM per batch (HubSpot takes up to 100).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Delivery attempts before a contribution is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Consecutive failed polls after which a source makes `/readyz` fail.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// How often the delivery worker looks at the outbox when not woken.
+    #[serde(default = "default_delivery_interval")]
+    pub delivery_interval: HumanDuration,
+    /// How long a shutdown waits for in-flight work before giving up.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
+}
+
+fn default_state() -> String {
+    "sqlite:///var/lib/tributary/state.db".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_batch_size() -> usize {
+    100
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_delivery_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            state: default_state(),
+            listen: default_listen(),
+            log_format: LogFormat::default(),
+            batch_size: default_batch_size(),
+            max_attempts: default_max_attempts(),
+            failure_threshold: default_failure_threshold(),
+            delivery_interval: default_delivery_interval(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[crm]`: the system of record.
+#[derive(Debug, Clone)]
+pub struct CrmConfig {
+    pub common: CrmCommon,
+    pub kind: CrmKind,
+}
+
+/// Keys every CRM accepts, beside its `type` and its own keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmCommon {
+    /// What to do with an author the CRM does not know: `create` a contact
+    /// or `skip` the contribution.
+    #[serde(default)]
+    pub unknown_authors: UnknownAuthors,
+    /// Client-side request rate limit; unset relies on the CRM's headers.
+    #[serde(default)]
+    pub requests_per_second: Option<NonZeroU32>,
+    /// Time for one CRM request.
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+}
+
+impl CrmCommon {
+    const KEYS: &[&str] = &["unknown_authors", "requests_per_second", "timeout"];
+}
+
+fn default_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownAuthors {
+    #[default]
+    Create,
+    Skip,
+}
+
+/// The CRMs this build knows, by `type`.
+#[derive(Debug, Clone)]
+pub enum CrmKind {
+    #[cfg(feature = "hubspot")]
+    Hubspot(tributary_crm::hubspot::HubSpotConfig),
+    #[cfg(feature = "file")]
+    File(tributary_crm::file::FileCrmConfig),
+}
+
+const CRM_TYPES: &[&str] = &[
+    #[cfg(feature = "hubspot")]
+    "hubspot",
+    #[cfg(feature = "file")]
+    "file",
+];
+
+/// `[sources.NAME]`: one place where customers talk.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub common: SourceCommon,
+    pub kind: SourceKind,
+}
+
+/// Keys every source accepts, beside its `type` and its own keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceCommon {
+    /// `every 2m` (s, m, h, d) or a cron expression (5 fields, or 6 with seconds).
+    pub schedule: Schedule,
+    /// Each poll starts up to this much later than scheduled, spreading load.
+    #[serde(default = "default_jitter")]
+    pub jitter: HumanDuration,
+    /// Client-side request rate limit for this source.
+    #[serde(default)]
+    pub requests_per_second: Option<NonZeroU32>,
+    /// Time for one request to the platform.
+    #[serde(default = "default_timeout")]
+    pub timeout: HumanDuration,
+    /// A disabled source is kept in the config but never polled.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// On the first poll, do not go back further than this date.
+    #[serde(default)]
+    pub since: Option<Since>,
+}
+
+impl SourceCommon {
+    const KEYS: &[&str] = &["schedule", "jitter", "requests_per_second", "timeout", "enabled", "since"];
+}
+
+fn default_jitter() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The sources this build knows, by `type`.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    #[cfg(feature = "discourse")]
+    Discourse(tributary_forums::discourse::DiscourseConfig),
+    #[cfg(feature = "rss")]
+    Rss(tributary_forums::rss::RssConfig),
+    Demo(tributary_demo::DemoConfig),
+}
+
+const SOURCE_TYPES: &[&str] = &[
+    #[cfg(feature = "discourse")]
+    "discourse",
+    #[cfg(feature = "rss")]
+    "rss",
+    "demo",
+];
+
+impl SourceKind {
+    pub fn platform(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "discourse")]
+            SourceKind::Discourse(_) => "discourse",
+            #[cfg(feature = "rss")]
+            SourceKind::Rss(_) => "rss",
+            SourceKind::Demo(_) => "demo",
+        }
+    }
+}
+
+/// A duration written like `30s`, `2m`, `1h`, `1d` or `500ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration"))?;
+        let unit_ms = match unit.trim() {
+            "ms" => 1,
+            "s" | "sec" | "secs" => 1_000,
+            "m" | "min" | "mins" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            other => return Err(format!("`{other}` is not a duration unit (use ms, s, m, h or d)")),
+        };
+        Ok(HumanDuration(Duration::from_millis(number.saturating_mul(unit_ms))))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// When a source is polled.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    Every(Duration),
+    Cron(Box<cron::Schedule>),
+}
+
+impl Schedule {
+    /// The next poll after `now`, before jitter.
+    pub fn next_after(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Schedule::Every(every) => now + chrono::Duration::from_std(*every).unwrap_or(chrono::Duration::MAX),
+            Schedule::Cron(cron) => cron.after(&now).next().unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Some(every) = text.strip_prefix("every ") {
+            let HumanDuration(every) = every.parse()?;
+            if every < Duration::from_secs(1) {
+                return Err("a schedule must be at least `every 1s`".into());
+            }
+            return Ok(Schedule::Every(every));
+        }
+        // Accept the classic five fields by adding seconds.
+        let fields = text.split_whitespace().count();
+        let expression = if fields == 5 { format!("0 {text}") } else { text.to_owned() };
+        cron::Schedule::from_str(&expression)
+            .map(|cron| Schedule::Cron(Box::new(cron)))
+            .map_err(|error| format!("`{text}` is neither `every <duration>` nor a cron expression ({error})"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Schedule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A date (`2026-01-31`) or a timestamp (`2026-01-31T12:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since(pub DateTime<Utc>);
+
+impl FromStr for Since {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+            return Ok(Since(at.with_timezone(&Utc)));
+        }
+        NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .ok()
+            .and_then(|date| date.and_hms_opt(0, 0, 0))
+            .map(|at| Since(at.and_utc()))
+            .ok_or_else(|| format!("`{text}` is not a date (2026-01-31) or an RFC 3339 time"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Since {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted key path, e.g. `sources.community.schedule`.
+    pub key: String,
+    pub message: String,
+    pub hint: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: `{}`: {}", self.file.display(), self.line, self.column, self.key, self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, "\n    hint: {}", self.hint)?;
+        }
+        Ok(())
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.0.len();
+        writeln!(f, "{count} problem{} in the configuration:", if count == 1 { "" } else { "s" })?;
+        for problem in &self.0 {
+            writeln!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, checks and resolves the secrets of a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            ConfigErrors(vec![Problem {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {error}"),
+                hint: "pass the right file with --config".into(),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Checks a configuration given as text; `path` is only used in problems.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        Reader { file: path, text, problems: Vec::new() }.read()
+    }
+
+    /// The platforms of every configured source (for `crm setup`).
+    pub fn platforms(&self) -> Vec<String> {
+        let mut platforms: Vec<String> = self.sources.values().map(|s| s.kind.platform().to_owned()).collect();
+        platforms.sort();
+        platforms.dedup();
+        platforms
+    }
+}
+
+struct Reader<'a> {
+    file: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Reader<'a> {
+    fn read(mut self) -> Result<Config, ConfigErrors> {
+        let root = match DeTable::parse(self.text) {
+            Ok(root) => root,
+            Err(error) => {
+                let span = error.span().unwrap_or(0..0);
+                self.problem(span, String::new(), error.message().trim().to_owned());
+                return Err(ConfigErrors(self.problems));
+            }
+        };
+        // A second, untouched copy to name the key at any position.
+        let index = DeTable::parse(self.text).map(Spanned::into_inner).unwrap_or_default();
+        let root_span = root.span();
+        let mut root = root.into_inner();
+
+        let daemon = match root.remove_entry("daemon") {
+            Some((_, value)) => self.section::<DaemonConfig>(&index, value),
+            None => Some(DaemonConfig::default()),
+        };
+        let crm = match root.remove_entry("crm") {
+            Some((_, value)) => self.crm(&index, value),
+            None => {
+                self.problem_at(root_span.start..root_span.start, "crm", "the `[crm]` table is missing".into());
+                None
+            }
+        };
+        let mut sources = BTreeMap::new();
+        match root.remove_entry("sources") {
+            Some((_, value)) => {
+                let span = value.span();
+                match value.into_inner() {
+                    DeValue::Table(table) => {
+                        for (name, value) in table {
+                            if let Some(source) = self.source(&index, name.get_ref(), value) {
+                                sources.insert(name.into_inner().into_owned(), source);
+                            }
+                        }
+                    }
+                    _ => self.problem_at(span, "sources", "`sources` must be a table of `[sources.NAME]` tables".into()),
+                }
+            }
+            None => self.problem_at(0..0, "sources", "no `[sources.NAME]` table: nothing would be polled".into()),
+        }
+        for (key, _) in root {
+            self.problem(key.span(), key.get_ref().to_string(), format!("unknown top-level table `{}`", key.get_ref()));
+        }
+        self.check_secrets(&index, &mut Vec::new());
+
+        match (daemon, crm) {
+            (Some(daemon), Some(crm)) if self.problems.is_empty() => {
+                Ok(Config { path: self.file.to_owned(), daemon, crm, sources })
+            }
+            _ => Err(ConfigErrors(self.problems)),
+        }
+    }
+
+    fn crm(&mut self, index: &DeTable<'_>, value: Spanned<DeValue<'a>>) -> Option<CrmConfig> {
+        let (common, kind_name, kind_span, rest) = self.split(value, "crm", CrmCommon::KEYS)?;
+        let common = self.section::<CrmCommon>(index, common);
+        let kind = match kind_name.as_str() {
+            #[cfg(feature = "hubspot")]
+            "hubspot" => self.section(index, rest).map(CrmKind::Hubspot),
+            #[cfg(feature = "file")]
+            "file" => self.section(index, rest).map(CrmKind::File),
+            other => {
+                self.unknown_type(kind_span, "crm.type", other, CRM_TYPES);
+                None
+            }
+        };
+        Some(CrmConfig { common: common?, kind: kind? })
+    }
+
+    fn source(&mut self, index: &DeTable<'_>, name: &str, value: Spanned<DeValue<'a>>) -> Option<SourceConfig> {
+        let key = format!("sources.{name}");
+        let (common, kind_name, kind_span, rest) = self.split(value, &key, SourceCommon::KEYS)?;
+        let common = self.section::<SourceCommon>(index, common);
+        let kind = match kind_name.as_str() {
+            #[cfg(feature = "discourse")]
+            "discourse" => self.section(index, rest).map(SourceKind::Discourse),
+            #[cfg(feature = "rss")]
+            "rss" => self.section(index, rest).map(SourceKind::Rss),
+            "demo" => self.section(index, rest).map(SourceKind::Demo),
+            other => {
+                self.unknown_type(kind_span, &format!("{key}.type"), other, SOURCE_TYPES);
+                None
+            }
+        };
+        Some(SourceConfig { common: common?, kind: kind? })
+    }
+
+    /// Splits a component table into its common keys and its own keys,
+    /// taking out `type`.
+    #[allow(clippy::type_complexity)]
+    fn split(
+        &mut self,
+        value: Spanned<DeValue<'a>>,
+        key: &str,
+        common_keys: &[&str],
+    ) -> Option<(Spanned<DeValue<'a>>, String, Range<usize>, Spanned<DeValue<'a>>)> {
+        let span = value.span();
+        let DeValue::Table(mut table) = value.into_inner() else {
+            self.problem_at(span, key, format!("`{key}` must be a table"));
+            return None;
+        };
+        let Some((type_key, type_value)) = table.remove_entry("type") else {
+            self.problem_at(span, key, "missing key `type`".into());
+            return None;
+        };
+        let type_span = type_value.span();
+        let Some(kind) = type_value.get_ref().as_str().map(str::to_owned) else {
+            self.problem_at(type_key.span(), &format!("{key}.type"), "`type` must be a string".into());
+            return None;
+        };
+        let mut common = DeTable::new();
+        for name in common_keys {
+            if let Some((k, v)) = table.remove_entry(*name) {
+                common.insert(k, v);
+            }
+        }
+        let common = Spanned::new(span.clone(), DeValue::Table(common));
+        let rest = Spanned::new(span, DeValue::Table(table));
+        Some((common, kind, type_span, rest))
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, index: &DeTable<'_>, value: Spanned<DeValue<'a>>) -> Option<T> {
+        let fallback = value.span();
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(section) => Some(section),
+            Err(error) => {
+                let span = error.span().unwrap_or(fallback);
+                let key = key_at(index, span.start).unwrap_or_default();
+                self.problem(span, key, error.message().trim().to_owned());
+                None
+            }
+        }
+    }
+
+    fn unknown_type(&mut self, span: Range<usize>, key: &str, found: &str, known: &[&str]) {
+        let message = format!("unknown type `{found}`");
+        let hint = format!("this build knows: {}", known.join(", "));
+        let (line, column) = line_column(self.text, span.start);
+        self.problems.push(Problem { file: self.file.to_owned(), line, column, key: key.to_owned(), message, hint });
+    }
+
+    /// Every `{ env = ... }` / `{ file = ... }` table must resolve.
+    fn check_secrets(&mut self, table: &DeTable<'_>, path: &mut Vec<String>) {
+        for (key, value) in table {
+            path.push(key.get_ref().to_string());
+            if let DeValue::Table(inner) = value.get_ref() {
+                let is_secret = inner.len() == 1 && (inner.contains_key("env") || inner.contains_key("file"));
+                if is_secret {
+                    let secret = SecretRef::deserialize(ValueDeserializer::from(value.clone()));
+                    match secret.map(|s| s.resolve()) {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => self.problem_at(value.span(), &path.join("."), error.to_string()),
+                        Err(error) => self.problem_at(value.span(), &path.join("."), error.message().to_owned()),
+                    }
+                } else {
+                    self.check_secrets(inner, path);
+                }
+            }
+            path.pop();
+        }
+    }
+
+    fn problem_at(&mut self, span: Range<usize>, key: &str, message: String) {
+        self.problem(span, key.to_owned(), message);
+    }
+
+    fn problem(&mut self, span: Range<usize>, key: String, message: String) {
+        let (line, column) = line_column(self.text, span.start);
+        let (message, hint) = explain(message);
+        self.problems.push(Problem { file: self.file.to_owned(), line, column, key, message, hint });
+    }
+}
+
+/// Turns a raw message into what to tell an administrator, and never lets
+/// a value written where a secret belongs through.
+fn explain(message: String) -> (String, String) {
+    let secret_hint = "secrets are referenced, never written in the file: \
+        `{ env = \"NAME\" }` or `{ file = \"/run/credentials/tributary.service/NAME\" }`";
+    if message.contains("`env` or `file`") || message.contains("SecretRef") {
+        return ("a secret must be a reference, not a value".into(), secret_hint.into());
+    }
+    let hint = if message.contains("environment variable") || message.contains("secret file") {
+        "set it where the service runs (systemd: `Environment=`/`EnvironmentFile=`, or `LoadCredential=` with `{ file = ... }`)"
+    } else if message.contains("unknown field") {
+        "remove the key or fix its spelling; config/production.toml documents every key"
+    } else if message.contains("missing field") || message.contains("missing key") {
+        "add the key; config/production.toml documents every key"
+    } else if message.contains("cron expression") || message.contains("every") {
+        "write `every 2m` (units: ms, s, m, h, d) or a cron expression such as `*/5 * * * *`"
+    } else if message.contains("duration") {
+        "write a duration such as `30s`, `2m` or `1h`"
+    } else if message.contains("invalid type") || message.contains("invalid value") {
+        "check the value's type against config/production.toml"
+    } else if message.contains("unknown variant") {
+        "use one of the values listed in the message"
+    } else if message.contains("unknown top-level") {
+        "the top-level tables are `[daemon]`, `[crm]` and `[sources.NAME]`"
+    } else if message.contains("missing") {
+        "see config/demo.toml for a complete example"
+    } else {
+        ""
+    };
+    (message, hint.to_owned())
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+/// The dotted path of the deepest key whose key or value covers `offset`.
+fn key_at(table: &DeTable<'_>, offset: usize) -> Option<String> {
+    for (key, value) in table {
+        let covers = |span: Range<usize>| span.start <= offset && offset < span.end.max(span.start + 1);
+        if covers(key.span()) {
+            return Some(key.get_ref().to_string());
+        }
+        if covers(value.span()) {
+            let deeper = match value.get_ref() {
+                DeValue::Table(inner) => key_at(inner, offset),
+                _ => None,
+            };
+            return Some(match deeper {
+                Some(deeper) => format!("{}.{deeper}", key.get_ref()),
+                None => key.get_ref().to_string(),
+            });
+        }
+    }
+    None
+}
+
+impl CrmConfig {
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            #[cfg(feature = "hubspot")]
+            CrmKind::Hubspot(_) => "hubspot",
+            #[cfg(feature = "file")]
+            CrmKind::File(_) => "file",
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The commands: `run` (the daemon) and the one-shot operations.
+
+use std::{collections::BTreeMap, io::Write, path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use tokio::{sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tributary_sdk::{Crm, PollRequest};
+
+use crate::{
+    cli::{Command, CrmCommand, DeadLetters},
+    config::{Config, ConfigErrors},
+    delivery::{DeliverySettings, Worker},
+    health::{self, Health},
+    pipeline, registry, scheduler, shutdown,
+    state::{self, StateStore},
+    telemetry,
+};
+
+/// A name for this process in leases: host, pid and a random part.
+pub fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
+    Config::load(path)
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn StateStore>> {
+    let store = state::open(&config.daemon.state).with_context(|| format!("cannot open the state store `{}`", config.daemon.state))?;
+    Ok(Arc::new(store))
+}
+
+fn delivery_settings(config: &Config) -> DeliverySettings {
+    DeliverySettings {
+        batch_size: config.daemon.batch_size.clamp(1, 100),
+        max_attempts: config.daemon.max_attempts.max(1),
+        unknown_authors: config.crm.common.unknown_authors,
+        ..DeliverySettings::default()
+    }
+}
+
+pub async fn execute(command: Command, config_path: &Path) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    match command {
+        Command::Run => run(config).await,
+        Command::Check { connect } => check(&config, connect).await,
+        Command::Sync { source, since, dry_run } => sync(&config, &source, since.map(|s| s.0), dry_run).await,
+        Command::Status { json } => status(&config, json).await,
+        Command::DeadLetters(command) => dead_letters(&config, command).await,
+        Command::Crm(CrmCommand::Setup) => crm_setup(&config).await,
+    }
+}
+
+/// Sources, the delivery worker and the CRM checker of one configuration:
+/// a reload stops one generation (finishing work in flight) and starts the next.
+struct Generation {
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Generation {
+    fn start(config: &Config, store: &Arc<dyn StateStore>, health: &Arc<Health>, owner: &str) -> anyhow::Result<Generation> {
+        let crm = registry::build_crm(&config.crm)?;
+        let sources = registry::build_sources(config)?;
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let wake = Arc::new(Notify::new());
+        health.set_sources(
+            sources
+                .iter()
+                .map(|s| {
+                    let schedule = config.sources.get(&s.name).map(|_| schedule_text(config, &s.name)).unwrap_or_default();
+                    (s.name.clone(), (s.source.platform().to_owned(), schedule))
+                })
+                .collect::<BTreeMap<_, _>>(),
+        );
+        for built in sources {
+            tasks.spawn(scheduler::run_source(built, store.clone(), owner.to_owned(), wake.clone(), health.clone(), cancel.clone()));
+        }
+        let worker = Worker {
+            store: store.clone(),
+            crm: crm.clone(),
+            settings: delivery_settings(config),
+            owner: owner.to_owned(),
+            health: Some(health.clone()),
+        };
+        tasks.spawn(worker.run(cancel.clone(), wake, config.daemon.delivery_interval.0));
+        tasks.spawn(check_crm_periodically(crm, health.clone(), cancel.clone()));
+        Ok(Generation { cancel, tasks })
+    }
+
+    /// Stops every task after its work in hand; gives up after `timeout`.
+    async fn stop(mut self, timeout: Duration) {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(timeout, async { while self.tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(?timeout, "tasks still busy after the shutdown timeout; aborting them");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+fn schedule_text(config: &Config, name: &str) -> String {
+    // The text as written is not kept; describe the parsed schedule.
+    match config.sources.get(name).map(|s| &s.common.schedule) {
+        Some(crate::config::Schedule::Every(every)) => format!("every {}s", every.as_secs()),
+        Some(crate::config::Schedule::Cron(cron)) => cron.to_string(),
+        None => String::new(),
+    }
+}
+
+async fn check_crm_periodically(crm: Arc<dyn Crm>, health: Arc<Health>, cancel: CancellationToken) {
+    loop {
+        let result = crm.check().await;
+        health.crm_result(result.err().map(|e| e.to_string()));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}
+
+async fn run(mut config: Config) -> anyhow::Result<()> {
+    telemetry::init_logs(config.daemon.log_format);
+    let metrics = telemetry::init_metrics();
+    let mut signals = shutdown::Signals::install().context("cannot install signal handlers")?;
+    let store = open_store(&config)?;
+    let owner = owner_id();
+    let health = Arc::new(Health::new(config.crm.kind_name(), config.daemon.failure_threshold));
+    let listener = tokio::net::TcpListener::bind(config.daemon.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.daemon.listen))?;
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(health::serve(listener, health::router(store.clone(), health.clone(), metrics), server_stop.clone()));
+    let mut generation = Generation::start(&config, &store, &health, &owner)?;
+    let watchdog = tokio::spawn(shutdown::watchdog(server_stop.clone()));
+    tracing::info!(listen = %config.daemon.listen, sources = config.sources.len(), crm = config.crm.kind_name(), "tributary running");
+    shutdown::ready();
+
+    loop {
+        match signals.next().await {
+            shutdown::Request::Stop => break,
+            shutdown::Request::Reload => {
+                shutdown::reloading();
+                match load_config(&config.path) {
+                    Ok(new_config) => {
+                        tracing::info!("reloading the configuration");
+                        generation.stop(config.daemon.shutdown_timeout.0).await;
+                        generation = match Generation::start(&new_config, &store, &health, &owner) {
+                            Ok(next) => {
+                                config = new_config;
+                                next
+                            }
+                            Err(error) => {
+                                tracing::error!(error = %format!("{error:#}"), "the new configuration cannot start; keeping the old one");
+                                Generation::start(&config, &store, &health, &owner)?
+                            }
+                        };
+                    }
+                    Err(problems) => {
+                        tracing::error!(problems = %problems, "the new configuration is invalid; keeping the old one");
+                    }
+                }
+                shutdown::ready();
+            }
+        }
+    }
+
+    tracing::info!("stopping: finishing work in flight");
+    shutdown::stopping();
+    generation.stop(config.daemon.shutdown_timeout.0).await;
+    server_stop.cancel();
+    let _ = watchdog.await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(error = %error, "the HTTP server ended with an error"),
+        Err(error) => tracing::warn!(error = %error, "the HTTP server task failed"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
+    println!("{}: configuration is valid ({} source(s), CRM `{}`)", config.path.display(), config.sources.len(), config.crm.kind_name());
+    if !connect {
+        return Ok(());
+    }
+    let mut failures = 0;
+    let crm = registry::build_crm(&config.crm)?;
+    match crm.check().await {
+        Ok(()) => println!("crm ({}): ok", crm.kind()),
+        Err(error) => {
+            failures += 1;
+            println!("crm ({}): FAILED: {error}", crm.kind());
+        }
+    }
+    for built in registry::build_sources(config)? {
+        match built.source.check().await {
+            Ok(()) => println!("source {} ({}): ok", built.name, built.source.platform()),
+            Err(error) => {
+                failures += 1;
+                println!("source {} ({}): FAILED: {error}", built.name, built.source.platform());
+            }
+        }
+    }
+    if failures > 0 {
+        bail!(Unavailable(format!("{failures} connection check(s) failed")));
+    }
+    Ok(())
+}
+
+/// A dependency could not be reached (sysexits EX_UNAVAILABLE, 69).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+async fn sync(config: &Config, name: &str, since: Option<chrono::DateTime<chrono::Utc>>, dry_run: bool) -> anyhow::Result<()> {
+    telemetry::init_logs(config.daemon.log_format);
+    let Some(source_config) = config.sources.get(name) else {
+        let known: Vec<_> = config.sources.keys().cloned().collect();
+        bail!("no source named `{name}` (configured: {})", known.join(", "));
+    };
+    let source = registry::build_source(name, source_config)?;
+    let since = since.or(source_config.common.since.map(|s| s.0));
+    let progress = indicatif::ProgressBar::new_spinner();
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    progress.enable_steady_tick(Duration::from_millis(120));
+
+    if dry_run {
+        // Start where the daemon would, store nothing, print what would go out.
+        let store = open_store(config)?;
+        let mut cursor = if since.is_some() { None } else { store.cursor(name).await? };
+        let mut stdout = std::io::stdout().lock();
+        let mut count = 0u64;
+        loop {
+            let page = source.poll(&PollRequest { cursor: cursor.clone(), since }).await?;
+            for contribution in page.contributions {
+                let contribution = pipeline::normalize(name, contribution);
+                serde_json::to_writer(&mut stdout, &contribution)?;
+                writeln!(stdout)?;
+                count += 1;
+            }
+            for item in page.quarantined {
+                eprintln!("quarantined {:?}: {}", item.external_id, item.reason);
+            }
+            progress.set_message(format!("{count} contribution(s)"));
+            if page.next_cursor.is_some() {
+                cursor = page.next_cursor;
+            }
+            if !page.has_more {
+                break;
+            }
+        }
+        progress.finish_and_clear();
+        eprintln!("dry run: {count} contribution(s) would be considered; nothing was stored or sent");
+        return Ok(());
+    }
+
+    let store = open_store(config)?;
+    let owner = owner_id();
+    let cancel = CancellationToken::new();
+    let stop_on_signal = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        })
+    };
+    let mut seen = 0u64;
+    let stats = pipeline::poll_source(&*store, name, &source, since, &owner, &cancel, |commit| {
+        seen += commit.new + commit.updated + commit.unchanged + commit.quarantined;
+        progress.set_message(format!("{seen} item(s) fetched"));
+    })
+    .await?;
+    store.record_poll(name, None).await?;
+    progress.set_message("delivering to the CRM");
+    let crm = registry::build_crm(&config.crm)?;
+    let worker = Worker { store: store.clone(), crm, settings: delivery_settings(config), owner, health: None };
+    let delivered = worker.drain(&cancel).await?;
+    progress.finish_and_clear();
+    stop_on_signal.abort();
+    println!(
+        "{name}: {} page(s); {} new, {} updated, {} unchanged, {} quarantined; delivered {}, retry later {}, dead {}, skipped {}",
+        stats.pages, stats.commit.new, stats.commit.updated, stats.commit.unchanged, stats.commit.quarantined,
+        delivered.delivered, delivered.retried, delivered.dead, delivered.skipped
+    );
+    Ok(())
+}
+
+async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let states = store.source_states().await?;
+    let totals = store.totals().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sources": states, "totals": totals }))?);
+        return Ok(());
+    }
+    println!("{:<20} {:<22} {:>8} {:>9} {:>6} {:>11}  last error", "source", "last success", "backlog", "delivered", "dead", "quarantined");
+    for name in config.sources.keys() {
+        let state = states.iter().find(|s| &s.name == name).cloned().unwrap_or_default();
+        println!(
+            "{:<20} {:<22} {:>8} {:>9} {:>6} {:>11}  {}",
+            name,
+            state.last_success_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "never".into()),
+            state.backlog,
+            state.delivered,
+            state.dead_letters,
+            state.quarantined,
+            state.last_error.unwrap_or_default()
+        );
+    }
+    println!(
+        "total: backlog {}, delivered {}, dead letters {}, quarantined {}, linked identities {}",
+        totals.backlog, totals.delivered, totals.dead_letters, totals.quarantined, totals.identities
+    );
+    Ok(())
+}
+
+async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    match command {
+        DeadLetters::List => {
+            let letters = store.dead_letters().await?;
+            if letters.is_empty() {
+                println!("no dead letters");
+            }
+            for letter in letters {
+                println!("{}\t{}\t{}\tattempts={}\t{}", letter.id, letter.source, letter.key, letter.attempts, letter.error);
+            }
+        }
+        DeadLetters::Retry { ids, all } => {
+            if ids.is_empty() && !all {
+                bail!("name dead-letter ids or pass --all");
+            }
+            let count = store.retry_dead_letters(&ids).await?;
+            println!("{count} dead letter(s) back in the outbox");
+            if count > 0 {
+                let crm = registry::build_crm(&config.crm)?;
+                let worker = Worker { store: store.clone(), crm, settings: delivery_settings(config), owner: owner_id(), health: None };
+                let stats = worker.drain(&CancellationToken::new()).await?;
+                println!("delivered {}, retry later {}, dead {}, skipped {}", stats.delivered, stats.retried, stats.dead, stats.skipped);
+            }
+        }
+        DeadLetters::Drop { ids, all } => {
+            if ids.is_empty() && !all {
+                bail!("name dead-letter ids or pass --all");
+            }
+            let count = store.drop_dead_letters(&ids).await?;
+            println!("{count} dead letter(s) dropped");
+        }
+    }
+    Ok(())
+}
+
+async fn crm_setup(config: &Config) -> anyhow::Result<()> {
+    let crm = registry::build_crm(&config.crm)?;
+    let report = crm.setup(&config.platforms()).await.context("CRM setup failed")?;
+    for name in &report.created {
+        println!("created  {name}");
+    }
+    for name in &report.existing {
+        println!("exists   {name}");
+    }
+    println!("{} created, {} already there", report.created.len(), report.existing.len());
+    Ok(())
+}

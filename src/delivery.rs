@@ -1,0 +1,266 @@
+//! The delivery worker: claims batches from the outbox, resolves authors,
+//! upserts activities into the CRM and records how each row ended:
+//! delivered (CRM ids kept), retried later with exponential backoff and
+//! jitter (never sooner than the CRM's Retry-After), or dead-lettered with
+//! the CRM's own message. Rollups of touched contacts follow.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tributary_sdk::{ActivityUpsert, Crm, RecordOutcome};
+
+use crate::{
+    config::UnknownAuthors,
+    health::Health,
+    identity::{self, IdentityError, Resolution},
+    state::{Claimed, Delivery, Finished, StateStore},
+};
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub unknown_authors: UnknownAuthors,
+    /// How long a claimed batch stays ours; a crashed worker's rows come back after it.
+    pub lease: Duration,
+    /// First retry delay; doubles per attempt up to `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            batch_size: 100,
+            max_attempts: 10,
+            unknown_authors: UnknownAuthors::Create,
+            lease: Duration::from_secs(300),
+            base_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead: usize,
+    pub skipped: usize,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    pub store: Arc<dyn StateStore>,
+    pub crm: Arc<dyn Crm>,
+    pub settings: DeliverySettings,
+    pub owner: String,
+    pub health: Option<Arc<Health>>,
+}
+
+impl Worker {
+    /// Runs until `shutdown`: a batch whenever woken or every `interval`.
+    /// A batch in flight is finished before the worker returns.
+    pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>, interval: Duration) {
+        let span = tracing::info_span!("delivery", crm = self.crm.kind());
+        async move {
+            loop {
+                match self.drain(&shutdown).await {
+                    Ok(_) => {}
+                    Err(error) => tracing::error!(error = %error, "delivery failed; trying again later"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+            tracing::info!("delivery worker stopped");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Delivers batches until nothing is due (or shutdown), then rollups.
+    pub async fn drain(&self, shutdown: &CancellationToken) -> anyhow::Result<BatchStats> {
+        let mut total = BatchStats::default();
+        while !shutdown.is_cancelled() {
+            let stats = self.deliver_batch().await?;
+            total.claimed += stats.claimed;
+            total.delivered += stats.delivered;
+            total.retried += stats.retried;
+            total.dead += stats.dead;
+            total.skipped += stats.skipped;
+            if stats.claimed == 0 {
+                break;
+            }
+        }
+        self.write_rollups().await?;
+        Ok(total)
+    }
+
+    fn backoff(&self, attempts: u32, at_least: Option<Duration>) -> chrono::DateTime<Utc> {
+        let exp = self.settings.base_backoff.saturating_mul(1u32 << attempts.min(20)).min(self.settings.max_backoff);
+        let jittered = Duration::from_secs_f64(exp.as_secs_f64() * rand::rng().random_range(0.5..=1.0));
+        let wait = jittered.max(at_least.unwrap_or(Duration::ZERO));
+        Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1))
+    }
+
+    fn failed(&self, row: &Claimed, error: String, retry_after: Option<Duration>) -> Delivery {
+        if row.attempts + 1 >= self.settings.max_attempts {
+            Delivery::Dead { error: format!("gave up after {} attempts: {error}", row.attempts + 1) }
+        } else {
+            Delivery::Retry { error, at: self.backoff(row.attempts, retry_after) }
+        }
+    }
+
+    pub async fn deliver_batch(&self) -> anyhow::Result<BatchStats> {
+        let claimed = self.store.claim(&self.owner, self.settings.batch_size, self.settings.lease).await?;
+        let mut stats = BatchStats { claimed: claimed.len(), ..BatchStats::default() };
+        if claimed.is_empty() {
+            return Ok(stats);
+        }
+        let contributions: Vec<_> = claimed.iter().map(|row| &row.contribution).collect();
+        let mut outcomes: Vec<Option<Delivery>> = vec![None; claimed.len()];
+
+        let resolutions = identity::resolve(&*self.store, &*self.crm, self.settings.unknown_authors, &contributions).await;
+        let resolutions = match resolutions {
+            Ok(resolutions) => resolutions,
+            Err(IdentityError::State(error)) => return Err(error.into()),
+            Err(IdentityError::Crm(error)) => {
+                self.crm_failed(&error.to_string());
+                let retry_after = error.retry_after();
+                let finished = claimed
+                    .iter()
+                    .map(|row| self.finished(row, self.failed(row, error.to_string(), retry_after)))
+                    .collect();
+                stats.retried = claimed.len();
+                self.store.finish(&self.owner, finished).await?;
+                tracing::warn!(error = %error, rows = claimed.len(), "identity resolution failed; batch retried later");
+                return Ok(stats);
+            }
+        };
+
+        let mut activities = Vec::new();
+        let mut activity_rows = Vec::new();
+        for (index, (row, resolution)) in claimed.iter().zip(resolutions).enumerate() {
+            match resolution {
+                Resolution::Contact(contact_id) => {
+                    activities.push(ActivityUpsert {
+                        key: row.contribution.activity_key(),
+                        contact_id,
+                        contribution: row.contribution.clone(),
+                    });
+                    activity_rows.push(index);
+                }
+                Resolution::Skip(reason) => outcomes[index] = Some(Delivery::Skipped { reason }),
+                Resolution::Rejected(error) => {
+                    outcomes[index] = Some(Delivery::Dead { error: format!("the CRM refused the contact: {error}") })
+                }
+            }
+        }
+
+        if !activities.is_empty() {
+            match self.crm.upsert_activities(&activities).await {
+                Ok(results) => {
+                    self.crm_succeeded();
+                    for ((index, activity), result) in activity_rows.iter().zip(&activities).zip(results) {
+                        outcomes[*index] = Some(match result {
+                            RecordOutcome::Done(activity_id) => {
+                                Delivery::Delivered { contact_id: activity.contact_id.clone(), activity_id }
+                            }
+                            RecordOutcome::Rejected(error) => Delivery::Dead { error },
+                        });
+                    }
+                }
+                Err(error) => {
+                    self.crm_failed(&error.to_string());
+                    tracing::warn!(error = %error, rows = activity_rows.len(), "activity upsert failed; retried later");
+                    let retry_after = error.retry_after();
+                    for index in &activity_rows {
+                        outcomes[*index] = Some(self.failed(&claimed[*index], error.to_string(), retry_after));
+                    }
+                }
+            }
+        }
+
+        let mut finished = Vec::with_capacity(claimed.len());
+        for (row, outcome) in claimed.iter().zip(outcomes) {
+            let delivery = outcome.unwrap_or_else(|| self.failed(row, "no outcome".into(), None));
+            match &delivery {
+                Delivery::Delivered { .. } => stats.delivered += 1,
+                Delivery::Retry { .. } => stats.retried += 1,
+                Delivery::Dead { error } => {
+                    tracing::warn!(key = %row.contribution.key(), error = %error, "contribution dead-lettered");
+                    stats.dead += 1
+                }
+                Delivery::Skipped { .. } => stats.skipped += 1,
+            }
+            finished.push(self.finished(row, delivery));
+        }
+        self.store.finish(&self.owner, finished).await?;
+        metrics::counter!("tributary_delivered_total", "outcome" => "delivered").increment(stats.delivered as u64);
+        metrics::counter!("tributary_delivered_total", "outcome" => "retry").increment(stats.retried as u64);
+        metrics::counter!("tributary_delivered_total", "outcome" => "dead").increment(stats.dead as u64);
+        metrics::counter!("tributary_delivered_total", "outcome" => "skipped").increment(stats.skipped as u64);
+        tracing::info!(
+            claimed = stats.claimed, delivered = stats.delivered, retried = stats.retried,
+            dead = stats.dead, skipped = stats.skipped, "batch delivered"
+        );
+        Ok(stats)
+    }
+
+    fn finished(&self, row: &Claimed, delivery: Delivery) -> Finished {
+        Finished { id: row.id, content_hash: row.content_hash.clone(), contribution: row.contribution.clone(), delivery }
+    }
+
+    /// Writes the figures of every contact whose activities changed.
+    pub async fn write_rollups(&self) -> anyhow::Result<()> {
+        loop {
+            let rollups = self.store.pending_rollups(self.settings.batch_size).await?;
+            if rollups.is_empty() {
+                return Ok(());
+            }
+            let results = match self.crm.update_rollups(&rollups).await {
+                Ok(results) => results,
+                Err(error) => {
+                    tracing::warn!(error = %error, contacts = rollups.len(), "rollup update failed; kept for later");
+                    return Ok(());
+                }
+            };
+            let written: Vec<_> = rollups
+                .iter()
+                .zip(&results)
+                .filter(|(_, result)| matches!(result, RecordOutcome::Done(())))
+                .map(|(rollup, _)| rollup.clone())
+                .collect();
+            for (rollup, result) in rollups.iter().zip(&results) {
+                if let RecordOutcome::Rejected(error) = result {
+                    tracing::warn!(contact = %rollup.contact_id, error = %error, "rollup refused");
+                }
+            }
+            self.store.rollups_written(&written).await?;
+            if written.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn crm_succeeded(&self) {
+        if let Some(health) = &self.health {
+            health.crm_result(None);
+        }
+    }
+
+    fn crm_failed(&self, error: &str) {
+        if let Some(health) = &self.health {
+            health.crm_result(Some(error.to_owned()));
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Tributary: brings what customers say in their communities into the
+//! company's CRM. This crate is the daemon's wiring and knows no platform:
+//! connectors live in `connectors/`.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod delivery;
+pub mod enrich;
+pub mod health;
+pub mod identity;
+pub mod pipeline;
+pub mod registry;
+pub mod scheduler;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;

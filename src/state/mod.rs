@@ -1,0 +1,159 @@
+//! The state store: cursors, the dedup ledger, the outbox, identity links,
+//! quarantine, dead letters and leases. SQLite (WAL) is the embedded
+//! default; the trait is what a PostgreSQL backend implements for several
+//! replicas.
+//!
+//! The one rule everything else rests on: [`StateStore::commit_page`] stores
+//! a page's items and moves the source's cursor in ONE transaction, so the
+//! cursor never moves ahead of what is durably stored.
+
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state store: {0}")]
+    Other(String),
+    #[error("unsupported state URL `{0}`: use sqlite:///absolute/path.db or sqlite://relative/path.db")]
+    Url(String),
+}
+
+/// What one committed page changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CommitStats {
+    pub new: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    pub quarantined: u64,
+}
+
+/// An outbox row claimed for delivery.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub content_hash: String,
+    pub attempts: u32,
+    pub contribution: Contribution,
+}
+
+/// How the delivery of one claimed row ended.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Delivered { contact_id: String, activity_id: String },
+    /// Try again, no sooner than `at`.
+    Retry { error: String, at: DateTime<Utc> },
+    Dead { error: String },
+    /// Not delivered on purpose (e.g. `unknown_authors = "skip"`).
+    Skipped { reason: String },
+}
+
+/// A finished row, with the content hash it was claimed with: if the row
+/// was updated meanwhile (an edit arrived), it stays pending.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub id: i64,
+    pub content_hash: String,
+    pub contribution: Contribution,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub source: String,
+    pub key: String,
+    pub attempts: u32,
+    pub error: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+/// What the store knows of a source, for `/status` and `tributary status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SourceState {
+    pub name: String,
+    pub last_poll_at: Option<DateTime<Utc>>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+    pub newest_item_at: Option<DateTime<Utc>>,
+    pub backlog: u64,
+    pub dead_letters: u64,
+    pub delivered: u64,
+    pub quarantined: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    pub backlog: u64,
+    pub dead_letters: u64,
+    pub delivered: u64,
+    pub quarantined: u64,
+    pub identities: u64,
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// Cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), StateError>;
+
+    async fn cursor(&self, source: &str) -> Result<Option<Cursor>, StateError>;
+
+    /// In one transaction: the ledger drops unchanged items, new and changed
+    /// ones go to the outbox (an edit replaces a still-pending version),
+    /// quarantined items are kept with their reason, and the cursor moves.
+    async fn commit_page(
+        &self,
+        source: &str,
+        contributions: Vec<Contribution>,
+        quarantined: Vec<Quarantined>,
+        cursor: Option<Cursor>,
+    ) -> Result<CommitStats, StateError>;
+
+    /// Leases up to `limit` due rows to `owner` for `lease`.
+    async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StateError>;
+
+    /// Records how each claimed row ended, in one transaction.
+    async fn finish(&self, owner: &str, finished: Vec<Finished>) -> Result<(), StateError>;
+
+    async fn identity(&self, identity: &str) -> Result<Option<String>, StateError>;
+    async fn link_identity(&self, identity: &str, contact_id: &str, via: &str) -> Result<(), StateError>;
+
+    /// Rollups of contacts whose activities changed since their last rollup.
+    async fn pending_rollups(&self, limit: usize) -> Result<Vec<Rollup>, StateError>;
+    /// Marks rollups written, unless the contact changed again meanwhile.
+    async fn rollups_written(&self, rollups: &[Rollup]) -> Result<(), StateError>;
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
+    /// Puts dead letters back in the outbox (all when `ids` is empty); returns how many.
+    async fn retry_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError>;
+    /// Deletes dead letters (all when `ids` is empty); returns how many.
+    async fn drop_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError>;
+
+    /// Takes or renews the named lease; false when another owner holds it.
+    async fn acquire_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StateError>;
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<(), StateError>;
+
+    /// Remembers how a poll ended (the error must already be free of secrets).
+    async fn record_poll(&self, source: &str, error: Option<&str>) -> Result<(), StateError>;
+    async fn source_states(&self) -> Result<Vec<SourceState>, StateError>;
+    async fn totals(&self) -> Result<Totals, StateError>;
+}
+
+/// Opens the store a `[daemon] state` URL names.
+pub fn open(url: &str) -> Result<SqliteStore, StateError> {
+    let path = url.strip_prefix("sqlite://").ok_or_else(|| StateError::Url(url.to_owned()))?;
+    if path.is_empty() {
+        return Err(StateError::Url(url.to_owned()));
+    }
+    SqliteStore::open(std::path::Path::new(path))
+}

@@ -1,0 +1,617 @@
+//! The SQLite state store (WAL mode): the embedded default.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup};
+
+use super::{
+    Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals,
+};
+
+/// Versioned schema: each entry runs once, in order, in a transaction.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "
+    CREATE TABLE cursors (
+        source TEXT PRIMARY KEY,
+        cursor TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE ledger (
+        key TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_changed INTEGER NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key TEXT NOT NULL,
+        source TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        lease_owner TEXT,
+        lease_until INTEGER,
+        last_error TEXT,
+        contact_id TEXT,
+        activity_id TEXT,
+        created_at INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE INDEX outbox_due ON outbox (status, next_attempt_at);
+    CREATE UNIQUE INDEX outbox_one_pending_per_key ON outbox (key) WHERE status = 'pending';
+    CREATE TABLE quarantine (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        source TEXT NOT NULL,
+        external_id TEXT,
+        reason TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE identities (
+        identity TEXT PRIMARY KEY,
+        contact_id TEXT NOT NULL,
+        via TEXT NOT NULL,
+        linked_at INTEGER NOT NULL
+    );
+    CREATE TABLE activities (
+        key TEXT PRIMARY KEY,
+        contact_id TEXT NOT NULL,
+        activity_id TEXT NOT NULL,
+        platform TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        sentiment REAL,
+        intent TEXT
+    );
+    CREATE INDEX activities_by_contact ON activities (contact_id);
+    CREATE TABLE rollups_due (
+        contact_id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL
+    );
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        until INTEGER NOT NULL
+    );
+    CREATE TABLE source_polls (
+        source TEXT PRIMARY KEY,
+        last_poll_at INTEGER,
+        last_success_at INTEGER,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        newest_item_at INTEGER
+    );
+    ",
+];
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn from_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StateError::Other(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // In WAL mode NORMAL survives any process crash; a power loss may
+        // drop the last transactions, cursor included, never half of one.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn with<T, F>(&self, work: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StateError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| StateError::Other(format!("state task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StateError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);")?;
+    let applied: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+    for (index, sql) in MIGRATIONS.iter().enumerate() {
+        let version = index as i64 + 1;
+        if version <= applied {
+            continue;
+        }
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)", params![version, now_ms()])?;
+        tx.commit()?;
+        tracing::info!(version, "state schema migrated");
+    }
+    Ok(())
+}
+
+fn in_list(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn store_contribution(tx: &Transaction<'_>, source: &str, contribution: &Contribution, now: i64) -> Result<Option<bool>, StateError> {
+    let key = contribution.key();
+    let hash = contribution.content_hash();
+    let known: Option<String> =
+        tx.query_row("SELECT content_hash FROM ledger WHERE key = ?1", [&key], |r| r.get(0)).optional()?;
+    if known.as_deref() == Some(hash.as_str()) {
+        return Ok(None);
+    }
+    let payload = serde_json::to_string(contribution).map_err(|e| StateError::Other(e.to_string()))?;
+    tx.execute(
+        "INSERT INTO ledger (key, source, content_hash, first_seen, last_changed) VALUES (?1, ?2, ?3, ?4, ?4)
+         ON CONFLICT (key) DO UPDATE SET content_hash = excluded.content_hash, last_changed = excluded.last_changed",
+        params![key, source, hash, now],
+    )?;
+    // An edit of a version still waiting replaces it: one pending row per key.
+    let replaced = tx.execute(
+        "UPDATE outbox SET payload = ?2, content_hash = ?3 WHERE key = ?1 AND status = 'pending'",
+        params![key, payload, hash],
+    )?;
+    if replaced == 0 {
+        tx.execute(
+            "INSERT INTO outbox (key, source, payload, content_hash, next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+            params![key, source, payload, hash, now],
+        )?;
+    }
+    Ok(Some(known.is_some()))
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn ping(&self) -> Result<(), StateError> {
+        self.with(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+
+    async fn cursor(&self, source: &str) -> Result<Option<Cursor>, StateError> {
+        let source = source.to_owned();
+        self.with(move |conn| {
+            let cursor: Option<String> =
+                conn.query_row("SELECT cursor FROM cursors WHERE source = ?1", [&source], |r| r.get(0)).optional()?;
+            Ok(cursor.map(Cursor))
+        })
+        .await
+    }
+
+    async fn commit_page(
+        &self,
+        source: &str,
+        contributions: Vec<Contribution>,
+        quarantined: Vec<Quarantined>,
+        cursor: Option<Cursor>,
+    ) -> Result<CommitStats, StateError> {
+        let source = source.to_owned();
+        self.with(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction()?;
+            let mut stats = CommitStats::default();
+            let mut newest: Option<i64> = None;
+            for contribution in &contributions {
+                newest = newest.max(Some(contribution.created_at.timestamp_millis()));
+                match store_contribution(&tx, &source, contribution, now)? {
+                    None => stats.unchanged += 1,
+                    Some(false) => stats.new += 1,
+                    Some(true) => stats.updated += 1,
+                }
+            }
+            for item in &quarantined {
+                tx.execute(
+                    "INSERT INTO quarantine (source, external_id, reason, raw, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![source, item.external_id, item.reason, item.raw, now],
+                )?;
+                stats.quarantined += 1;
+            }
+            if let Some(cursor) = cursor {
+                tx.execute(
+                    "INSERT INTO cursors (source, cursor, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+                    params![source, cursor.0, now],
+                )?;
+            }
+            if let Some(newest) = newest {
+                tx.execute(
+                    "INSERT INTO source_polls (source, newest_item_at) VALUES (?1, ?2)
+                     ON CONFLICT (source) DO UPDATE SET newest_item_at = MAX(COALESCE(newest_item_at, 0), excluded.newest_item_at)",
+                    params![source, newest],
+                )?;
+            }
+            tx.commit()?;
+            Ok(stats)
+        })
+        .await
+    }
+
+    async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StateError> {
+        let owner = owner.to_owned();
+        self.with(move |conn| {
+            let now = now_ms();
+            let until = now + lease.as_millis() as i64;
+            let tx = conn.transaction()?;
+            let mut claimed = Vec::new();
+            {
+                let mut statement = tx.prepare(
+                    "UPDATE outbox SET lease_owner = ?1, lease_until = ?2
+                     WHERE id IN (
+                        SELECT id FROM outbox
+                        WHERE status = 'pending' AND next_attempt_at <= ?3
+                          AND (lease_until IS NULL OR lease_until < ?3)
+                        ORDER BY id LIMIT ?4)
+                     RETURNING id, content_hash, attempts, payload",
+                )?;
+                let rows = statement.query_map(params![owner, until, now, limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?))
+                })?;
+                for row in rows {
+                    let (id, content_hash, attempts, payload) = row?;
+                    match serde_json::from_str::<Contribution>(&payload) {
+                        Ok(contribution) => claimed.push(Claimed { id, content_hash, attempts, contribution }),
+                        Err(error) => {
+                            // Written by an incompatible version: keep it, visibly.
+                            tx.execute(
+                                "UPDATE outbox SET status = 'dead', last_error = ?2, finished_at = ?3 WHERE id = ?1",
+                                params![id, format!("unreadable outbox payload: {error}"), now],
+                            )?;
+                        }
+                    }
+                }
+            }
+            tx.commit()?;
+            claimed.sort_by_key(|c| c.id);
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn finish(&self, owner: &str, finished: Vec<Finished>) -> Result<(), StateError> {
+        let owner = owner.to_owned();
+        self.with(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction()?;
+            for item in &finished {
+                // Only the lease holder finishes a row, and only the version it delivered.
+                let guard = "WHERE id = ?1 AND lease_owner = ?2 AND content_hash = ?3";
+                match &item.delivery {
+                    Delivery::Delivered { contact_id, activity_id } => {
+                        let changed = tx.execute(
+                            &format!(
+                                "UPDATE outbox SET status = 'delivered', contact_id = ?4, activity_id = ?5, finished_at = ?6,
+                                 lease_owner = NULL, lease_until = NULL, attempts = attempts + 1 {guard}"
+                            ),
+                            params![item.id, owner, item.content_hash, contact_id, activity_id, now],
+                        )?;
+                        if changed == 0 {
+                            // An edit replaced this version meanwhile: it goes out on its own.
+                            tx.execute(
+                                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND lease_owner = ?2",
+                                params![item.id, owner],
+                            )?;
+                        }
+                        let c = &item.contribution;
+                        tx.execute(
+                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                             ON CONFLICT (key) DO UPDATE SET contact_id = excluded.contact_id, activity_id = excluded.activity_id,
+                               platform = excluded.platform, created_at = excluded.created_at,
+                               sentiment = excluded.sentiment, intent = excluded.intent",
+                            params![
+                                c.key(),
+                                contact_id,
+                                activity_id,
+                                c.platform,
+                                c.created_at.timestamp_millis(),
+                                c.signals.as_ref().map(|s| s.sentiment),
+                                c.signals.as_ref().map(|s| s.intent.as_str()),
+                            ],
+                        )?;
+                        tx.execute(
+                            "INSERT INTO rollups_due (contact_id, version) VALUES (?1, 1)
+                             ON CONFLICT (contact_id) DO UPDATE SET version = version + 1",
+                            [contact_id],
+                        )?;
+                    }
+                    Delivery::Retry { error, at } => {
+                        tx.execute(
+                            &format!(
+                                "UPDATE outbox SET attempts = attempts + 1, last_error = ?4, next_attempt_at = ?5,
+                                 lease_owner = NULL, lease_until = NULL {guard}"
+                            ),
+                            params![item.id, owner, item.content_hash, error, at.timestamp_millis()],
+                        )?;
+                    }
+                    Delivery::Dead { error } => {
+                        tx.execute(
+                            &format!(
+                                "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_error = ?4, finished_at = ?5,
+                                 lease_owner = NULL, lease_until = NULL {guard}"
+                            ),
+                            params![item.id, owner, item.content_hash, error, now],
+                        )?;
+                    }
+                    Delivery::Skipped { reason } => {
+                        tx.execute(
+                            &format!(
+                                "UPDATE outbox SET status = 'skipped', last_error = ?4, finished_at = ?5,
+                                 lease_owner = NULL, lease_until = NULL {guard}"
+                            ),
+                            params![item.id, owner, item.content_hash, reason, now],
+                        )?;
+                    }
+                }
+                // Whatever happened, a row this owner still leases is released.
+                tx.execute(
+                    "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE id = ?1 AND lease_owner = ?2",
+                    params![item.id, owner],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn identity(&self, identity: &str) -> Result<Option<String>, StateError> {
+        let identity = identity.to_owned();
+        self.with(move |conn| {
+            Ok(conn
+                .query_row("SELECT contact_id FROM identities WHERE identity = ?1", [&identity], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn link_identity(&self, identity: &str, contact_id: &str, via: &str) -> Result<(), StateError> {
+        let (identity, contact_id, via) = (identity.to_owned(), contact_id.to_owned(), via.to_owned());
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO identities (identity, contact_id, via, linked_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (identity) DO UPDATE SET contact_id = excluded.contact_id, via = excluded.via, linked_at = excluded.linked_at",
+                params![identity, contact_id, via, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending_rollups(&self, limit: usize) -> Result<Vec<Rollup>, StateError> {
+        self.with(move |conn| {
+            let mut due = conn.prepare("SELECT contact_id FROM rollups_due ORDER BY contact_id LIMIT ?1")?;
+            let contacts: Vec<String> =
+                due.query_map([limit as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let mut rollups = Vec::with_capacity(contacts.len());
+            for contact_id in contacts {
+                let rollup = conn.query_row(
+                    "SELECT COUNT(*), MAX(created_at), AVG(COALESCE(sentiment, 0)),
+                        SUM(intent = 'question'), SUM(intent = 'complaint'), SUM(intent = 'idea'), SUM(intent = 'praise'),
+                        (SELECT platform FROM activities a2 WHERE a2.contact_id = ?1 ORDER BY created_at DESC LIMIT 1),
+                        (SELECT GROUP_CONCAT(platform, ';') FROM (SELECT DISTINCT platform FROM activities a3 WHERE a3.contact_id = ?1 ORDER BY platform))
+                     FROM activities WHERE contact_id = ?1",
+                    [&contact_id],
+                    |r| {
+                        Ok(Rollup {
+                            contact_id: contact_id.clone(),
+                            contribution_count: r.get::<_, i64>(0)? as u64,
+                            last_contribution_at: from_ms(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
+                            sentiment_avg: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
+                            questions: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                            complaints: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                            ideas: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
+                            praise: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
+                            last_platform: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                            platforms: r
+                                .get::<_, Option<String>>(8)?
+                                .map(|p| p.split(';').map(str::to_owned).collect())
+                                .unwrap_or_default(),
+                        })
+                    },
+                )?;
+                rollups.push(rollup);
+            }
+            Ok(rollups)
+        })
+        .await
+    }
+
+    async fn rollups_written(&self, rollups: &[Rollup]) -> Result<(), StateError> {
+        let written: Vec<(String, u64)> = rollups.iter().map(|r| (r.contact_id.clone(), r.contribution_count)).collect();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            for (contact_id, count) in &written {
+                // Still due if an activity landed after the figures were taken.
+                tx.execute(
+                    "DELETE FROM rollups_due WHERE contact_id = ?1
+                     AND (SELECT COUNT(*) FROM activities WHERE contact_id = ?1) = ?2",
+                    params![contact_id, *count as i64],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(
+                "SELECT id, source, key, attempts, COALESCE(last_error, ''), COALESCE(finished_at, 0)
+                 FROM outbox WHERE status = 'dead' ORDER BY id",
+            )?;
+            let letters = statement
+                .query_map([], |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        source: r.get(1)?,
+                        key: r.get(2)?,
+                        attempts: r.get(3)?,
+                        error: r.get(4)?,
+                        failed_at: from_ms(r.get(5)?),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(letters)
+        })
+        .await
+    }
+
+    async fn retry_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError> {
+        let filter = if ids.is_empty() { String::new() } else { format!(" AND id IN ({})", in_list(ids)) };
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            // A newer pending version of the same key wins over the dead one.
+            tx.execute(
+                &format!(
+                    "DELETE FROM outbox WHERE status = 'dead'{filter}
+                     AND key IN (SELECT key FROM outbox WHERE status = 'pending')"
+                ),
+                [],
+            )?;
+            let count = tx.execute(
+                &format!(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?1, finished_at = NULL
+                     WHERE status = 'dead'{filter}"
+                ),
+                [now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(count as u64)
+        })
+        .await
+    }
+
+    async fn drop_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError> {
+        let filter = if ids.is_empty() { String::new() } else { format!(" AND id IN ({})", in_list(ids)) };
+        self.with(move |conn| Ok(conn.execute(&format!("DELETE FROM outbox WHERE status = 'dead'{filter}"), [])? as u64))
+            .await
+    }
+
+    async fn acquire_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StateError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.with(move |conn| {
+            let now = now_ms();
+            let changed = conn.execute(
+                "INSERT INTO leases (name, owner, until) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, until = excluded.until
+                 WHERE leases.owner = excluded.owner OR leases.until < ?4",
+                params![name, owner, now + ttl.as_millis() as i64, now],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> Result<(), StateError> {
+        let (name, owner) = (name.to_owned(), owner.to_owned());
+        self.with(move |conn| {
+            conn.execute("DELETE FROM leases WHERE name = ?1 AND owner = ?2", params![name, owner])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_poll(&self, source: &str, error: Option<&str>) -> Result<(), StateError> {
+        let (source, error) = (source.to_owned(), error.map(str::to_owned));
+        self.with(move |conn| {
+            let now = now_ms();
+            match error {
+                None => conn.execute(
+                    "INSERT INTO source_polls (source, last_poll_at, last_success_at, consecutive_failures, last_error)
+                     VALUES (?1, ?2, ?2, 0, NULL)
+                     ON CONFLICT (source) DO UPDATE SET last_poll_at = ?2, last_success_at = ?2, consecutive_failures = 0, last_error = NULL",
+                    params![source, now],
+                )?,
+                Some(error) => conn.execute(
+                    "INSERT INTO source_polls (source, last_poll_at, consecutive_failures, last_error) VALUES (?1, ?2, 1, ?3)
+                     ON CONFLICT (source) DO UPDATE SET last_poll_at = ?2, consecutive_failures = consecutive_failures + 1, last_error = ?3",
+                    params![source, now, error],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    async fn source_states(&self) -> Result<Vec<SourceState>, StateError> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(
+                "WITH names AS (SELECT source FROM source_polls UNION SELECT source FROM cursors UNION SELECT DISTINCT source FROM outbox)
+                 SELECT n.source, p.last_poll_at, p.last_success_at, COALESCE(p.consecutive_failures, 0), p.last_error, p.newest_item_at,
+                   (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'pending'),
+                   (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'dead'),
+                   (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'delivered'),
+                   (SELECT COUNT(*) FROM quarantine q WHERE q.source = n.source)
+                 FROM names n LEFT JOIN source_polls p ON p.source = n.source ORDER BY n.source",
+            )?;
+            let states = statement
+                .query_map([], |r| {
+                    Ok(SourceState {
+                        name: r.get(0)?,
+                        last_poll_at: r.get::<_, Option<i64>>(1)?.map(from_ms),
+                        last_success_at: r.get::<_, Option<i64>>(2)?.map(from_ms),
+                        consecutive_failures: r.get(3)?,
+                        last_error: r.get(4)?,
+                        newest_item_at: r.get::<_, Option<i64>>(5)?.map(from_ms),
+                        backlog: r.get::<_, i64>(6)? as u64,
+                        dead_letters: r.get::<_, i64>(7)? as u64,
+                        delivered: r.get::<_, i64>(8)? as u64,
+                        quarantined: r.get::<_, i64>(9)? as u64,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(states)
+        })
+        .await
+    }
+
+    async fn totals(&self) -> Result<Totals, StateError> {
+        self.with(|conn| {
+            Ok(conn.query_row(
+                "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
+                        (SELECT COUNT(*) FROM outbox WHERE status = 'dead'),
+                        (SELECT COUNT(*) FROM outbox WHERE status = 'delivered'),
+                        (SELECT COUNT(*) FROM quarantine),
+                        (SELECT COUNT(*) FROM identities)",
+                [],
+                |r| {
+                    Ok(Totals {
+                        backlog: r.get::<_, i64>(0)? as u64,
+                        dead_letters: r.get::<_, i64>(1)? as u64,
+                        delivered: r.get::<_, i64>(2)? as u64,
+                        quarantined: r.get::<_, i64>(3)? as u64,
+                        identities: r.get::<_, i64>(4)? as u64,
+                    })
+                },
+            )?)
+        })
+        .await
+    }
+}
