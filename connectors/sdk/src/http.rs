@@ -178,6 +178,12 @@ impl HttpClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            // A wait longer than we may spend inline goes back to the caller.
+            if let Some(remaining) = self.gate_remaining()
+                && remaining > self.options.max_inline_wait
+            {
+                return Err(HttpError::RateLimited { target, retry_after: remaining });
+            }
             self.wait_for_gate().await;
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
@@ -269,6 +275,11 @@ impl HttpClient {
                 _ => return,
             }
         }
+    }
+
+    fn gate_remaining(&self) -> Option<Duration> {
+        let until = (*self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?;
+        until.checked_duration_since(Instant::now())
     }
 
     fn close_gate_for(&self, wait: Duration) {
@@ -425,6 +436,10 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(!error.to_string().contains("hunter2"), "query string leaked: {error}");
+        // The next call does not sleep for an hour: it is told at once.
+        let again = client.send(client.get(format!("{}/q", server.uri()))).await.unwrap_err();
+        assert!(matches!(again, HttpError::RateLimited { .. }), "{again:?}");
+        assert_eq!(server.received_requests().await.unwrap().len(), 1, "no request while the gate is closed");
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 /// Plain text from HTML: tags dropped (script and style with their
 /// content), entities decoded, runs of blank lines folded.
 pub fn html_to_text(html: &str) -> String {
-    let text = html2text::config::plain_no_decorate()
+    // The trivial decorator writes link and image text without brackets.
+    let decorator = html2text::render::TrivialDecorator::new();
+    let text = html2text::config::with_decorator(decorator)
         .string_from_read(html.as_bytes(), 10_000)
         .unwrap_or_else(|_| strip_tags_fallback(html));
     tidy(&text)
@@ -78,6 +80,7 @@ mod tests {
         check("<style>p{color:red}</style><p>styled</p>", "styled");
         check("5 &lt; 6 &eacute;t&eacute;", "5 < 6 été");
         check("", "");
+        check(r#"<p>see <a href="/u/x">@x</a> <img src="a.png" alt=":wrench:"></p>"#, "see @x :wrench:");
     }
 
     #[test]
