@@ -293,7 +293,7 @@ impl FromStr for Schedule {
     fn from_str(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if let Some(every) = text.strip_prefix("every ") {
-            let HumanDuration(every) = every.parse()?;
+            let HumanDuration(every) = every.parse().map_err(|e| format!("invalid schedule `{text}`: {e}"))?;
             if every < Duration::from_secs(1) {
                 return Err("a schedule must be at least `every 1s`".into());
             }
@@ -304,7 +304,7 @@ impl FromStr for Schedule {
         let expression = if fields == 5 { format!("0 {text}") } else { text.to_owned() };
         cron::Schedule::from_str(&expression)
             .map(|cron| Schedule::Cron(Box::new(cron)))
-            .map_err(|error| format!("`{text}` is neither `every <duration>` nor a cron expression ({error})"))
+            .map_err(|error| format!("invalid schedule: `{text}` is neither `every <duration>` nor a cron expression ({error})"))
     }
 }
 
@@ -430,7 +430,7 @@ impl<'a> Reader<'a> {
         let mut root = root.into_inner();
 
         let daemon = match root.remove_entry("daemon") {
-            Some((_, value)) => self.section::<DaemonConfig>(&index, value),
+            Some((_, value)) => self.section::<DaemonConfig>(&index, "daemon", value),
             None => Some(DaemonConfig::default()),
         };
         let crm = match root.remove_entry("crm") {
@@ -472,12 +472,12 @@ impl<'a> Reader<'a> {
 
     fn crm(&mut self, index: &DeTable<'_>, value: Spanned<DeValue<'a>>) -> Option<CrmConfig> {
         let (common, kind_name, kind_span, rest) = self.split(value, "crm", CrmCommon::KEYS)?;
-        let common = self.section::<CrmCommon>(index, common);
+        let common = self.section::<CrmCommon>(index, "crm", common);
         let kind = match kind_name.as_str() {
             #[cfg(feature = "hubspot")]
-            "hubspot" => self.section(index, rest).map(CrmKind::Hubspot),
+            "hubspot" => self.section(index, "crm", rest).map(CrmKind::Hubspot),
             #[cfg(feature = "file")]
-            "file" => self.section(index, rest).map(CrmKind::File),
+            "file" => self.section(index, "crm", rest).map(CrmKind::File),
             other => {
                 self.unknown_type(kind_span, "crm.type", other, CRM_TYPES);
                 None
@@ -489,13 +489,13 @@ impl<'a> Reader<'a> {
     fn source(&mut self, index: &DeTable<'_>, name: &str, value: Spanned<DeValue<'a>>) -> Option<SourceConfig> {
         let key = format!("sources.{name}");
         let (common, kind_name, kind_span, rest) = self.split(value, &key, SourceCommon::KEYS)?;
-        let common = self.section::<SourceCommon>(index, common);
+        let common = self.section::<SourceCommon>(index, &key, common);
         let kind = match kind_name.as_str() {
             #[cfg(feature = "discourse")]
-            "discourse" => self.section(index, rest).map(SourceKind::Discourse),
+            "discourse" => self.section(index, &key, rest).map(SourceKind::Discourse),
             #[cfg(feature = "rss")]
-            "rss" => self.section(index, rest).map(SourceKind::Rss),
-            "demo" => self.section(index, rest).map(SourceKind::Demo),
+            "rss" => self.section(index, &key, rest).map(SourceKind::Rss),
+            "demo" => self.section(index, &key, rest).map(SourceKind::Demo),
             other => {
                 self.unknown_type(kind_span, &format!("{key}.type"), other, SOURCE_TYPES);
                 None
@@ -538,13 +538,19 @@ impl<'a> Reader<'a> {
         Some((common, kind, type_span, rest))
     }
 
-    fn section<T: DeserializeOwned>(&mut self, index: &DeTable<'_>, value: Spanned<DeValue<'a>>) -> Option<T> {
+    /// Reads one section (`prefix` is its dotted path) on its own, so a
+    /// problem in one section does not hide those of the others.
+    fn section<T: DeserializeOwned>(&mut self, index: &DeTable<'_>, prefix: &str, value: Spanned<DeValue<'a>>) -> Option<T> {
         let fallback = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
             Ok(section) => Some(section),
             Err(error) => {
                 let span = error.span().unwrap_or(fallback);
-                let key = key_at(index, span.start).unwrap_or_default();
+                let inner = table_at(index, prefix).and_then(|table| key_at(table, span.start));
+                let key = match inner {
+                    Some(inner) => format!("{prefix}.{inner}"),
+                    None => prefix.to_owned(),
+                };
                 self.problem(span, key, error.message().trim().to_owned());
                 None
             }
@@ -604,7 +610,7 @@ fn explain(message: String) -> (String, String) {
         "remove the key or fix its spelling; config/production.toml documents every key"
     } else if message.contains("missing field") || message.contains("missing key") {
         "add the key; config/production.toml documents every key"
-    } else if message.contains("cron expression") || message.contains("every") {
+    } else if message.contains("schedule") {
         "write `every 2m` (units: ms, s, m, h, d) or a cron expression such as `*/5 * * * *`"
     } else if message.contains("duration") {
         "write a duration such as `30s`, `2m` or `1h`"
@@ -628,6 +634,14 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
     (line, column)
+}
+
+/// The table at a dotted path (`sources.community`).
+fn table_at<'t, 'i>(root: &'t DeTable<'i>, path: &str) -> Option<&'t DeTable<'i>> {
+    path.split('.').try_fold(root, |table, part| match table.get(part).map(Spanned::get_ref) {
+        Some(DeValue::Table(inner)) => Some(inner),
+        _ => None,
+    })
 }
 
 /// The dotted path of the deepest key whose key or value covers `offset`.
@@ -659,5 +673,100 @@ impl CrmConfig {
             #[cfg(feature = "file")]
             CrmKind::File(_) => "file",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[daemon]
+state = "sqlite://state.db"
+
+[crm]
+type = "file"
+path = "crm.json"
+
+[sources.demo]
+type = "demo"
+schedule = "every 2m"
+"#;
+
+    /// Parses `text` and expects exactly the problems given as
+    /// (line, key, a piece of the message, a piece of the hint).
+    fn check(text: &str, expected: &[(usize, &str, &str, &str)]) {
+        let problems = match Config::parse(Path::new("t.toml"), text) {
+            Ok(_) => vec![],
+            Err(ConfigErrors(problems)) => problems,
+        };
+        let got: Vec<_> = problems.iter().map(|p| (p.line, p.key.as_str())).collect();
+        let want: Vec<_> = expected.iter().map(|(line, key, _, _)| (*line, *key)).collect();
+        assert_eq!(got, want, "problems: {problems:#?}");
+        for (problem, (_, _, message, hint)) in problems.iter().zip(expected) {
+            assert!(problem.message.contains(message), "{problem}\n  expected message with {message:?}");
+            assert!(problem.hint.contains(hint), "{problem}\n  expected hint with {hint:?}");
+            assert!(problem.to_string().starts_with("t.toml:"), "{problem}");
+        }
+    }
+
+    #[test]
+    fn a_good_config_has_no_problems() {
+        check(BASE, &[]);
+        let config = Config::parse(Path::new("t.toml"), BASE).unwrap();
+        assert_eq!(config.daemon.listen.to_string(), "127.0.0.1:9464");
+        assert!(matches!(config.sources["demo"].common.schedule, Schedule::Every(d) if d == Duration::from_secs(120)));
+        assert!(matches!(config.sources["demo"].kind, SourceKind::Demo(_)));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_key_and_hint() {
+        // An unknown key, a wrong type and a bad cron, in three sections at once.
+        let text = BASE.replace("state = ", "stat = ").replace("path = \"crm.json\"", "path = 5")
+            + "\n[sources.other]\ntype = \"demo\"\nschedule = \"every fortnight\"\n";
+        check(
+            &text,
+            &[
+                (3, "daemon.stat", "unknown field `stat`", "spelling"),
+                (7, "crm.path", "invalid type", "type"),
+                (15, "sources.other.schedule", "not a duration", "every 2m"),
+            ],
+        );
+    }
+
+    #[test]
+    fn bad_cron_unknown_type_and_missing_schedule() {
+        check(&BASE.replace("every 2m", "61 * * * *"), &[(11, "sources.demo.schedule", "cron", "cron expression")]);
+        check(&BASE.replace("type = \"demo\"", "type = \"myspace\""), &[(10, "sources.demo.type", "unknown type `myspace`", "demo")]);
+        check(&BASE.replace("schedule = \"every 2m\"", ""), &[(9, "sources.demo", "missing field `schedule`", "add the key")]);
+        check(&BASE.replace("[crm]\ntype = \"file\"\npath = \"crm.json\"", ""), &[(1, "crm", "missing", "")]);
+    }
+
+    #[test]
+    fn secrets_are_checked_and_never_echoed() {
+        let missing = BASE.to_owned() + "\n[sources.x]\ntype = \"demo\"\nschedule = \"every 1m\"\nseed = { env = \"TRIBUTARY_TEST_NOT_SET\" }\n";
+        // The secret is reported as missing before the type mismatch is considered.
+        let problems = Config::parse(Path::new("t.toml"), &missing).unwrap_err().0;
+        let secret = problems.iter().find(|p| p.message.contains("TRIBUTARY_TEST_NOT_SET")).expect("missing env reported");
+        assert_eq!(secret.line, 16);
+        assert_eq!(secret.key, "sources.x.seed");
+        assert!(secret.hint.contains("Environment="), "{secret}");
+    }
+
+    #[test]
+    fn syntax_errors_point_at_the_line() {
+        check(&BASE.replace("[crm]", "[crm"), &[(5, "", "", "")]);
+    }
+
+    #[test]
+    fn durations_schedules_and_dates_parse() {
+        assert_eq!("500ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(500));
+        assert_eq!("2h".parse::<HumanDuration>().unwrap().0, Duration::from_secs(7200));
+        assert!("2 weeks".parse::<HumanDuration>().is_err());
+        assert!("every 0s".parse::<Schedule>().is_err());
+        let cron: Schedule = "*/5 * * * *".parse().unwrap();
+        let now = DateTime::parse_from_rfc3339("2026-01-01T10:01:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(cron.next_after(now).to_rfc3339(), "2026-01-01T10:05:00+00:00");
+        assert_eq!("2026-01-31".parse::<Since>().unwrap().0.to_rfc3339(), "2026-01-31T00:00:00+00:00");
     }
 }

@@ -615,3 +615,98 @@ impl StateStore for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tributary_sdk::Kind;
+
+    use super::*;
+
+    fn item(id: &str, body: &str) -> Contribution {
+        let mut c = tributary_demo::DemoSource::new("s", Default::default()).contribution(0);
+        c.external_id = id.into();
+        c.body = body.into();
+        c.kind = Kind::Post;
+        c
+    }
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_ledger_drops_unchanged_items_and_the_cursor_moves_with_the_page() {
+        let (_dir, store) = store();
+        let first = store.commit_page("s", vec![item("1", "a"), item("2", "b")], vec![], Some(Cursor("c1".into()))).await.unwrap();
+        assert_eq!((first.new, first.updated, first.unchanged), (2, 0, 0));
+        assert_eq!(store.cursor("s").await.unwrap(), Some(Cursor("c1".into())));
+        let again = store.commit_page("s", vec![item("1", "a"), item("2", "b, edited")], vec![], None).await.unwrap();
+        assert_eq!((again.new, again.updated, again.unchanged), (0, 1, 1));
+        assert_eq!(store.cursor("s").await.unwrap(), Some(Cursor("c1".into())), "None keeps the cursor");
+        // The edit replaced the pending version: still one row per key.
+        let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        assert_eq!(claimed[1].contribution.body, "b, edited");
+        assert!(store.claim("other", 10, Duration::from_secs(60)).await.unwrap().is_empty(), "leased rows are not claimed twice");
+    }
+
+    #[tokio::test]
+    async fn an_edit_during_delivery_is_delivered_after_it() {
+        let (_dir, store) = store();
+        store.commit_page("s", vec![item("1", "v1")], vec![], None).await.unwrap();
+        let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+        store.commit_page("s", vec![item("1", "v2")], vec![], None).await.unwrap();
+        let row = &claimed[0];
+        let delivered = Delivery::Delivered { contact_id: "c".into(), activity_id: "a".into() };
+        store
+            .finish("w", vec![Finished { id: row.id, content_hash: row.content_hash.clone(), contribution: row.contribution.clone(), delivery: delivered }])
+            .await
+            .unwrap();
+        let next = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].contribution.body, "v2");
+    }
+
+    #[tokio::test]
+    async fn dead_letters_can_be_retried_and_dropped_and_rollups_follow_deliveries() {
+        let (_dir, store) = store();
+        store.commit_page("s", vec![item("1", "a"), item("2", "b")], vec![Quarantined::new(None, "bad", "{")], None).await.unwrap();
+        let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+        let finished = vec![
+            Finished { id: claimed[0].id, content_hash: claimed[0].content_hash.clone(), contribution: claimed[0].contribution.clone(),
+                delivery: Delivery::Dead { error: "INVALID_EMAIL".into() } },
+            Finished { id: claimed[1].id, content_hash: claimed[1].content_hash.clone(), contribution: claimed[1].contribution.clone(),
+                delivery: Delivery::Delivered { contact_id: "c1".into(), activity_id: "n1".into() } },
+        ];
+        store.finish("w", finished).await.unwrap();
+        let letters = store.dead_letters().await.unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].error, "INVALID_EMAIL");
+        let totals = store.totals().await.unwrap();
+        assert_eq!((totals.backlog, totals.dead_letters, totals.delivered, totals.quarantined), (0, 1, 1, 1));
+
+        let rollups = store.pending_rollups(10).await.unwrap();
+        assert_eq!(rollups.len(), 1);
+        assert_eq!(rollups[0].contribution_count, 1);
+        store.rollups_written(&rollups).await.unwrap();
+        assert!(store.pending_rollups(10).await.unwrap().is_empty());
+
+        assert_eq!(store.retry_dead_letters(&[]).await.unwrap(), 1);
+        assert_eq!(store.claim("w", 10, Duration::from_secs(60)).await.unwrap().len(), 1);
+        assert_eq!(store.drop_dead_letters(&[]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_owner_until_it_expires() {
+        let (_dir, store) = store();
+        assert!(store.acquire_lease("source:s", "a", Duration::from_secs(60)).await.unwrap());
+        assert!(!store.acquire_lease("source:s", "b", Duration::from_secs(60)).await.unwrap());
+        assert!(store.acquire_lease("source:s", "a", Duration::from_secs(60)).await.unwrap(), "renewal");
+        store.release_lease("source:s", "a").await.unwrap();
+        assert!(store.acquire_lease("source:s", "b", Duration::from_millis(1)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(store.acquire_lease("source:s", "a", Duration::from_secs(60)).await.unwrap(), "expired lease taken over");
+    }
+}
