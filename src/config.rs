@@ -228,6 +228,14 @@ const SOURCE_TYPES: &[&str] = &[
 ];
 
 impl SourceKind {
+    /// The platforms written on this source's contributions.
+    pub fn platforms(&self) -> Vec<&'static str> {
+        match self {
+            SourceKind::Demo(_) => tributary_demo::PLATFORMS.to_vec(),
+            other => vec![other.platform()],
+        }
+    }
+
     pub fn platform(&self) -> &'static str {
         match self {
             #[cfg(feature = "discourse")]
@@ -401,7 +409,8 @@ impl Config {
 
     /// The platforms of every configured source (for `crm setup`).
     pub fn platforms(&self) -> Vec<String> {
-        let mut platforms: Vec<String> = self.sources.values().map(|s| s.kind.platform().to_owned()).collect();
+        let mut platforms: Vec<String> =
+            self.sources.values().flat_map(|s| s.kind.platforms()).map(|p| (*p).to_owned()).collect();
         platforms.sort();
         platforms.dedup();
         platforms

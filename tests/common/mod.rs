@@ -145,3 +145,33 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, mut condition: F) 
 pub fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
+
+/// A config with a HubSpot CRM at `hubspot` and the given sources (TOML).
+pub fn hubspot_config(hubspot: &str, extra_crm: &str, sources: &str) -> String {
+    format!(
+        r#"
+[daemon]
+state = "sqlite://{{dir}}/state.db"
+listen = "127.0.0.1:{{port}}"
+delivery_interval = "200ms"
+max_attempts = 10
+
+[crm]
+type = "hubspot"
+base_url = "{hubspot}"
+token = {{ env = "TEST_HUBSPOT_TOKEN" }}
+{extra_crm}
+
+{sources}
+"#
+    )
+}
+
+/// Every request body the mock HubSpot received, as text.
+pub fn hubspot_bodies(hubspot: &tributary_crm::hubspot::mock::MockHubSpot) -> String {
+    hubspot.requests().iter().filter_map(|r| r.body.as_ref()).map(|b| b.to_string()).collect::<Vec<_>>().join("\n")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}

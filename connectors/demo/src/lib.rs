@@ -45,6 +45,9 @@ impl Default for DemoConfig {
     }
 }
 
+/// The platforms the demo's contributions claim to come from.
+pub const PLATFORMS: &[&str] = &["demo-forum", "demo-social", "demo-support"];
+
 struct Persona {
     id: &'static str,
     name: &'static str,
@@ -199,7 +202,7 @@ mod tests {
         assert_ne!(stream[0..10], (0..10).map(|i| other_seed.contribution(i)).collect::<Vec<_>>()[..]);
 
         let platforms: std::collections::BTreeSet<_> = stream.iter().map(|c| c.platform.as_str()).collect();
-        assert_eq!(platforms.len(), 3, "{platforms:?}");
+        assert_eq!(platforms.into_iter().collect::<Vec<_>>(), PLATFORMS);
         let maya_platforms: std::collections::BTreeSet<_> = stream
             .iter()
             .filter(|c| c.author.email.as_deref() == Some("maya.chen@example.com"))
