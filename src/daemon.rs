@@ -17,10 +17,33 @@ use crate::{
     telemetry,
 };
 
-/// A name for this process in leases: host, pid and a random part.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+/// A name for this process in leases: `host/pid/random`.
 pub fn owner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    format!("{}/{}/{:08x}", hostname(), std::process::id(), rand::random::<u32>())
+}
+
+/// Frees the leases and claims of processes of this host that died without
+/// releasing them (SIGKILL, power loss), so a restart resumes at once
+/// instead of waiting for their leases to expire. Owners on other hosts are
+/// left to their leases' expiry.
+pub async fn release_dead_owners(store: &dyn StateStore) -> anyhow::Result<()> {
+    let host = hostname();
+    for owner in store.owners().await? {
+        let mut parts = owner.split('/');
+        let (Some(owner_host), Some(pid)) = (parts.next(), parts.next().and_then(|p| p.parse::<u32>().ok())) else {
+            continue;
+        };
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        if owner_host == host && !alive {
+            let released = store.release_owner(&owner).await?;
+            tracing::info!(%owner, released, "released the leases of a process that is gone");
+        }
+    }
+    Ok(())
 }
 
 pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
@@ -127,6 +150,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics();
     let mut signals = shutdown::Signals::install().context("cannot install signal handlers")?;
     let store = open_store(&config)?;
+    release_dead_owners(&*store).await?;
     let owner = owner_id();
     let health = Arc::new(Health::new(config.crm.kind_name(), config.daemon.failure_threshold));
     let listener = tokio::net::TcpListener::bind(config.daemon.listen)
@@ -261,6 +285,7 @@ async fn sync(config: &Config, name: &str, since: Option<chrono::DateTime<chrono
     }
 
     let store = open_store(config)?;
+    release_dead_owners(&*store).await?;
     let owner = owner_id();
     let cancel = CancellationToken::new();
     let stop_on_signal = {

@@ -51,7 +51,7 @@ pub async fn poll_source(
 ) -> Result<PollStats, PollError> {
     // Never two polls of one source at once, across processes and replicas.
     let lease_name = format!("source:{name}");
-    let lease_ttl = Duration::from_secs(600);
+    let lease_ttl = Duration::from_secs(120);
     if !store.acquire_lease(&lease_name, owner, lease_ttl).await? {
         return Err(PollError::Busy);
     }

@@ -142,6 +142,10 @@ pub trait StateStore: Send + Sync {
     /// Takes or renews the named lease; false when another owner holds it.
     async fn acquire_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StateError>;
     async fn release_lease(&self, name: &str, owner: &str) -> Result<(), StateError>;
+    /// Every owner holding a lease or a claimed outbox row.
+    async fn owners(&self) -> Result<Vec<String>, StateError>;
+    /// Frees everything `owner` holds (a process known to be dead); returns how much.
+    async fn release_owner(&self, owner: &str) -> Result<u64, StateError>;
 
     /// Remembers how a poll ended (the error must already be free of secrets).
     async fn record_poll(&self, source: &str, error: Option<&str>) -> Result<(), StateError>;

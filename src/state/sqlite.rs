@@ -538,6 +538,32 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn owners(&self) -> Result<Vec<String>, StateError> {
+        self.with(|conn| {
+            let mut statement = conn.prepare(
+                "SELECT owner FROM leases UNION SELECT DISTINCT lease_owner FROM outbox WHERE lease_owner IS NOT NULL",
+            )?;
+            let owners = statement.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(owners)
+        })
+        .await
+    }
+
+    async fn release_owner(&self, owner: &str) -> Result<u64, StateError> {
+        let owner = owner.to_owned();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let leases = tx.execute("DELETE FROM leases WHERE owner = ?1", [&owner])?;
+            let rows = tx.execute(
+                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
+                [&owner],
+            )?;
+            tx.commit()?;
+            Ok((leases + rows) as u64)
+        })
+        .await
+    }
+
     async fn record_poll(&self, source: &str, error: Option<&str>) -> Result<(), StateError> {
         let (source, error) = (source.to_owned(), error.map(str::to_owned));
         self.with(move |conn| {
