@@ -9,7 +9,7 @@ use tributary_sdk::{Crm, PollRequest};
 
 use crate::{
     cli::{Command, CrmCommand, DeadLetters},
-    config::{Config, ConfigErrors},
+    config::{Config, ConfigErrors, Secrets},
     delivery::{DeliverySettings, Worker},
     health::{self, Health},
     pipeline, registry, scheduler, shutdown,
@@ -65,7 +65,12 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
 }
 
 pub async fn execute(command: Command, config_path: &Path) -> anyhow::Result<()> {
-    let config = load_config(config_path)?;
+    // Reading the state store needs no credentials.
+    let secrets = match &command {
+        Command::Status { .. } | Command::DeadLetters(DeadLetters::List | DeadLetters::Drop { .. }) => Secrets::Ignore,
+        _ => Secrets::Check,
+    };
+    let config = Config::load_with(config_path, secrets)?;
     match command {
         Command::Run => run(config).await,
         Command::Check { connect } => check(&config, connect).await,

@@ -1,0 +1,250 @@
+//! The custom properties Tributary creates in HubSpot and writes to.
+//!
+//! Every name starts with the configured prefix (`tributary_` by default),
+//! and all of them live in one property group per object named after the
+//! prefix, so an administrator sees at a glance what Tributary owns.
+
+use serde_json::{Value, json};
+
+/// How HubSpot stores and shows a property: (`type`, `fieldType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PropertyKind {
+    /// `string` / `text`
+    Text,
+    /// `number` / `number`
+    Number,
+    /// `datetime` / `date`: ISO 8601 or epoch milliseconds.
+    DateTime,
+    /// `enumeration` / `select` with fixed options.
+    Select(&'static [&'static str]),
+}
+
+/// The intents of `tributary_sdk::Intent`, as written to notes.
+pub(crate) const INTENTS: &[&str] = &["question", "complaint", "idea", "praise", "other"];
+
+/// One custom property as `crm setup` creates it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PropertySpec {
+    /// The full internal name, prefix included.
+    pub name: String,
+    pub label: String,
+    pub description: String,
+    pub kind: PropertyKind,
+    /// `hasUniqueValue`: the property can serve as an upsert `idProperty`.
+    pub unique: bool,
+}
+
+impl PropertySpec {
+    fn new(prefix: &str, name: &str, label: &str, kind: PropertyKind, description: &str) -> Self {
+        PropertySpec {
+            name: format!("{prefix}{name}"),
+            label: label.to_owned(),
+            description: description.to_owned(),
+            kind,
+            unique: false,
+        }
+    }
+
+    fn unique(mut self) -> Self {
+        self.unique = true;
+        self
+    }
+
+    /// The `PropertyCreate` body of `POST /crm/v3/properties/{objectType}`.
+    pub fn create_body(&self, group: &str) -> Value {
+        let (data_type, field_type) = match self.kind {
+            PropertyKind::Text => ("string", "text"),
+            PropertyKind::Number => ("number", "number"),
+            PropertyKind::DateTime => ("datetime", "date"),
+            PropertyKind::Select(_) => ("enumeration", "select"),
+        };
+        let mut body = json!({
+            "name": self.name,
+            "label": self.label,
+            "description": self.description,
+            "groupName": group,
+            "type": data_type,
+            "fieldType": field_type,
+            "formField": false,
+        });
+        if self.unique {
+            body["hasUniqueValue"] = json!(true);
+        }
+        if let PropertyKind::Select(options) = self.kind {
+            body["options"] = options
+                .iter()
+                .enumerate()
+                .map(|(order, value)| {
+                    json!({
+                        "label": capitalise(value),
+                        "value": value,
+                        "hidden": false,
+                        "displayOrder": order,
+                    })
+                })
+                .collect();
+        }
+        body
+    }
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// A platform name as it may appear in a property name: lowercase ASCII
+/// letters, digits and `_` (`Stack Exchange` becomes `stack_exchange`).
+pub(crate) fn platform_slug(platform: &str) -> String {
+    let slug: String =
+        platform.trim().chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+    if slug.is_empty() { "unknown".into() } else { slug }
+}
+
+/// The contact property holding a person's handle on `platform`.
+pub(crate) fn handle_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}handle_{}", platform_slug(platform))
+}
+
+/// The contact properties: identity, one handle per platform, rollups.
+pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<PropertySpec> {
+    use PropertyKind::*;
+    let mut properties = vec![
+        PropertySpec::new(
+            prefix,
+            "identity",
+            "Tributary identity",
+            Text,
+            "platform:user id of a person known only by a handle; Tributary's upsert key for contacts without e-mail.",
+        )
+        .unique(),
+    ];
+    let mut slugs: Vec<(String, &str)> =
+        platforms.iter().map(|platform| (platform_slug(platform), platform.as_str())).collect();
+    slugs.sort();
+    slugs.dedup_by(|a, b| a.0 == b.0);
+    for (slug, platform) in slugs {
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("handle_{slug}"),
+            &format!("Handle on {platform}"),
+            Text,
+            &format!("The person's handle on {platform}, as Tributary saw it."),
+        ));
+    }
+    properties.extend([
+        PropertySpec::new(
+            prefix,
+            "last_contribution_at",
+            "Last community contribution",
+            DateTime,
+            "When the person last posted in a community Tributary follows.",
+        ),
+        PropertySpec::new(prefix, "last_platform", "Last community platform", Text, "Where the person last posted."),
+        PropertySpec::new(
+            prefix,
+            "contribution_count",
+            "Community contributions",
+            Number,
+            "How many contributions Tributary delivered for this person.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "platforms",
+            "Community platforms",
+            Text,
+            "Every platform the person was seen on, separated by `;`.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "sentiment_avg",
+            "Average community sentiment",
+            Number,
+            "Mean sentiment of the person's contributions, from -1 (negative) to 1 (positive).",
+        ),
+        PropertySpec::new(prefix, "questions", "Community questions", Number, "Contributions read as questions."),
+        PropertySpec::new(prefix, "complaints", "Community complaints", Number, "Contributions read as complaints."),
+        PropertySpec::new(
+            prefix,
+            "ideas",
+            "Community ideas",
+            Number,
+            "Contributions read as ideas or feature requests.",
+        ),
+        PropertySpec::new(prefix, "praise", "Community praise", Number, "Contributions read as praise."),
+    ]);
+    properties
+}
+
+/// The note properties: the activity key and the contribution's signals.
+pub(crate) fn note_properties(prefix: &str) -> Vec<PropertySpec> {
+    use PropertyKind::*;
+    vec![
+        PropertySpec::new(
+            prefix,
+            "key",
+            "Tributary key",
+            Text,
+            "Deterministic key of the contribution; Tributary's upsert key for notes.",
+        )
+        .unique(),
+        PropertySpec::new(
+            prefix,
+            "platform",
+            "Community platform",
+            Text,
+            "The platform the contribution was posted on.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "intent",
+            "Intent",
+            Select(INTENTS),
+            "What the author wants, as far as Tributary's rules can tell.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "sentiment",
+            "Sentiment",
+            Number,
+            "Sentiment of the contribution, from -1 (negative) to 1 (positive).",
+        ),
+        PropertySpec::new(prefix, "url", "Contribution URL", Text, "Link to the contribution on its platform."),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_and_names() {
+        for (platform, slug) in [
+            ("discourse", "discourse"),
+            ("Stack Exchange", "stack_exchange"),
+            ("hacker-news", "hacker_news"),
+            ("", "unknown"),
+        ] {
+            assert_eq!(platform_slug(platform), slug, "{platform:?}");
+        }
+        assert_eq!(handle_property("tributary_", "GitHub"), "tributary_handle_github");
+    }
+
+    #[test]
+    fn definitions_have_the_types_hubspot_expects() {
+        let contacts = contact_properties("t_", &["forum".into(), "Forum".into(), "social".into()]);
+        let names: Vec<&str> = contacts.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(&names[..3], ["t_identity", "t_handle_forum", "t_handle_social"]);
+        assert!(contacts[0].unique);
+        let at = contacts.iter().find(|p| p.name == "t_last_contribution_at").unwrap();
+        let body = at.create_body("t");
+        assert_eq!((body["type"].as_str(), body["fieldType"].as_str()), (Some("datetime"), Some("date")));
+        let intent = note_properties("t_").into_iter().find(|p| p.name == "t_intent").unwrap();
+        let body = intent.create_body("t");
+        assert_eq!(body["options"].as_array().unwrap().len(), 5);
+        assert_eq!(body["options"][0]["label"], "Question");
+    }
+}
