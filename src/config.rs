@@ -310,9 +310,9 @@ impl FromStr for Schedule {
         // Accept the classic five fields by adding seconds.
         let fields = text.split_whitespace().count();
         let expression = if fields == 5 { format!("0 {text}") } else { text.to_owned() };
-        cron::Schedule::from_str(&expression)
-            .map(|cron| Schedule::Cron(Box::new(cron)))
-            .map_err(|error| format!("invalid schedule: `{text}` is neither `every <duration>` nor a cron expression ({error})"))
+        cron::Schedule::from_str(&expression).map(|cron| Schedule::Cron(Box::new(cron))).map_err(|error| {
+            format!("invalid schedule: `{text}` is neither `every <duration>` nor a cron expression ({error})")
+        })
     }
 }
 
@@ -476,7 +476,9 @@ impl<'a> Reader<'a> {
                             }
                         }
                     }
-                    _ => self.problem_at(span, "sources", "`sources` must be a table of `[sources.NAME]` tables".into()),
+                    _ => {
+                        self.problem_at(span, "sources", "`sources` must be a table of `[sources.NAME]` tables".into())
+                    }
                 }
             }
             None => self.problem_at(0..0, "sources", "no `[sources.NAME]` table: nothing would be polled".into()),
@@ -566,7 +568,12 @@ impl<'a> Reader<'a> {
 
     /// Reads one section (`prefix` is its dotted path) on its own, so a
     /// problem in one section does not hide those of the others.
-    fn section<T: DeserializeOwned>(&mut self, index: &DeTable<'_>, prefix: &str, value: Spanned<DeValue<'a>>) -> Option<T> {
+    fn section<T: DeserializeOwned>(
+        &mut self,
+        index: &DeTable<'_>,
+        prefix: &str,
+        value: Spanned<DeValue<'a>>,
+    ) -> Option<T> {
         let fallback = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
             Ok(section) => Some(section),
@@ -763,17 +770,25 @@ schedule = "every 2m"
     #[test]
     fn bad_cron_unknown_type_and_missing_schedule() {
         check(&BASE.replace("every 2m", "61 * * * *"), &[(11, "sources.demo.schedule", "cron", "cron expression")]);
-        check(&BASE.replace("type = \"demo\"", "type = \"myspace\""), &[(10, "sources.demo.type", "unknown type `myspace`", "demo")]);
-        check(&BASE.replace("schedule = \"every 2m\"", ""), &[(9, "sources.demo", "missing field `schedule`", "add the key")]);
+        check(
+            &BASE.replace("type = \"demo\"", "type = \"myspace\""),
+            &[(10, "sources.demo.type", "unknown type `myspace`", "demo")],
+        );
+        check(
+            &BASE.replace("schedule = \"every 2m\"", ""),
+            &[(9, "sources.demo", "missing field `schedule`", "add the key")],
+        );
         check(&BASE.replace("[crm]\ntype = \"file\"\npath = \"crm.json\"", ""), &[(1, "crm", "missing", "")]);
     }
 
     #[test]
     fn secrets_are_checked_and_never_echoed() {
-        let missing = BASE.to_owned() + "\n[sources.x]\ntype = \"demo\"\nschedule = \"every 1m\"\nseed = { env = \"TRIBUTARY_TEST_NOT_SET\" }\n";
+        let missing = BASE.to_owned()
+            + "\n[sources.x]\ntype = \"demo\"\nschedule = \"every 1m\"\nseed = { env = \"TRIBUTARY_TEST_NOT_SET\" }\n";
         // The secret is reported as missing before the type mismatch is considered.
         let problems = Config::parse(Path::new("t.toml"), &missing).unwrap_err().0;
-        let secret = problems.iter().find(|p| p.message.contains("TRIBUTARY_TEST_NOT_SET")).expect("missing env reported");
+        let secret =
+            problems.iter().find(|p| p.message.contains("TRIBUTARY_TEST_NOT_SET")).expect("missing env reported");
         assert_eq!(secret.line, 16);
         assert_eq!(secret.key, "sources.x.seed");
         assert!(secret.hint.contains("Environment="), "{secret}");

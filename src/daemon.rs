@@ -51,7 +51,8 @@ pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn StateStore>> {
-    let store = state::open(&config.daemon.state).with_context(|| format!("cannot open the state store `{}`", config.daemon.state))?;
+    let store = state::open(&config.daemon.state)
+        .with_context(|| format!("cannot open the state store `{}`", config.daemon.state))?;
     Ok(Arc::new(store))
 }
 
@@ -89,7 +90,12 @@ struct Generation {
 }
 
 impl Generation {
-    fn start(config: &Config, store: &Arc<dyn StateStore>, health: &Arc<Health>, owner: &str) -> anyhow::Result<Generation> {
+    fn start(
+        config: &Config,
+        store: &Arc<dyn StateStore>,
+        health: &Arc<Health>,
+        owner: &str,
+    ) -> anyhow::Result<Generation> {
         let crm = registry::build_crm(&config.crm)?;
         let sources = registry::build_sources(config)?;
         let cancel = CancellationToken::new();
@@ -99,13 +105,21 @@ impl Generation {
             sources
                 .iter()
                 .map(|s| {
-                    let schedule = config.sources.get(&s.name).map(|_| schedule_text(config, &s.name)).unwrap_or_default();
+                    let schedule =
+                        config.sources.get(&s.name).map(|_| schedule_text(config, &s.name)).unwrap_or_default();
                     (s.name.clone(), (s.source.platform().to_owned(), schedule))
                 })
                 .collect::<BTreeMap<_, _>>(),
         );
         for built in sources {
-            tasks.spawn(scheduler::run_source(built, store.clone(), owner.to_owned(), wake.clone(), health.clone(), cancel.clone()));
+            tasks.spawn(scheduler::run_source(
+                built,
+                store.clone(),
+                owner.to_owned(),
+                wake.clone(),
+                health.clone(),
+                cancel.clone(),
+            ));
         }
         let worker = Worker {
             store: store.clone(),
@@ -162,7 +176,11 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.daemon.listen))?;
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(health::serve(listener, health::router(store.clone(), health.clone(), metrics), server_stop.clone()));
+    let server = tokio::spawn(health::serve(
+        listener,
+        health::router(store.clone(), health.clone(), metrics),
+        server_stop.clone(),
+    ));
     let mut generation = Generation::start(&config, &store, &health, &owner)?;
     let watchdog = tokio::spawn(shutdown::watchdog(server_stop.clone()));
     tracing::info!(listen = %config.daemon.listen, sources = config.sources.len(), crm = config.crm.kind_name(), "tributary running");
@@ -212,7 +230,12 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
 }
 
 async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
-    println!("{}: configuration is valid ({} source(s), CRM `{}`)", config.path.display(), config.sources.len(), config.crm.kind_name());
+    println!(
+        "{}: configuration is valid ({} source(s), CRM `{}`)",
+        config.path.display(),
+        config.sources.len(),
+        config.crm.kind_name()
+    );
     if !connect {
         return Ok(());
     }
@@ -245,7 +268,12 @@ async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
-async fn sync(config: &Config, name: &str, since: Option<chrono::DateTime<chrono::Utc>>, dry_run: bool) -> anyhow::Result<()> {
+async fn sync(
+    config: &Config,
+    name: &str,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     telemetry::init_logs(config.daemon.log_format);
     let Some(source_config) = config.sources.get(name) else {
         let known: Vec<_> = config.sources.keys().cloned().collect();
@@ -255,7 +283,8 @@ async fn sync(config: &Config, name: &str, since: Option<chrono::DateTime<chrono
     let since = since.or(source_config.common.since.map(|s| s.0));
     let progress = indicatif::ProgressBar::new_spinner();
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(Duration::from_millis(120));
 
@@ -316,8 +345,15 @@ async fn sync(config: &Config, name: &str, since: Option<chrono::DateTime<chrono
     stop_on_signal.abort();
     println!(
         "{name}: {} page(s); {} new, {} updated, {} unchanged, {} quarantined; delivered {}, retry later {}, dead {}, skipped {}",
-        stats.pages, stats.commit.new, stats.commit.updated, stats.commit.unchanged, stats.commit.quarantined,
-        delivered.delivered, delivered.retried, delivered.dead, delivered.skipped
+        stats.pages,
+        stats.commit.new,
+        stats.commit.updated,
+        stats.commit.unchanged,
+        stats.commit.quarantined,
+        delivered.delivered,
+        delivered.retried,
+        delivered.dead,
+        delivered.skipped
     );
     Ok(())
 }
@@ -330,7 +366,10 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "sources": states, "totals": totals }))?);
         return Ok(());
     }
-    println!("{:<20} {:<22} {:>8} {:>9} {:>6} {:>11}  last error", "source", "last success", "backlog", "delivered", "dead", "quarantined");
+    println!(
+        "{:<20} {:<22} {:>8} {:>9} {:>6} {:>11}  last error",
+        "source", "last success", "backlog", "delivered", "dead", "quarantined"
+    );
     for name in config.sources.keys() {
         let state = states.iter().find(|s| &s.name == name).cloned().unwrap_or_default();
         println!(
@@ -360,7 +399,10 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
                 println!("no dead letters");
             }
             for letter in letters {
-                println!("{}\t{}\t{}\tattempts={}\t{}", letter.id, letter.source, letter.key, letter.attempts, letter.error);
+                println!(
+                    "{}\t{}\t{}\tattempts={}\t{}",
+                    letter.id, letter.source, letter.key, letter.attempts, letter.error
+                );
             }
         }
         DeadLetters::Retry { ids, all } => {
@@ -371,9 +413,18 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
             println!("{count} dead letter(s) back in the outbox");
             if count > 0 {
                 let crm = registry::build_crm(&config.crm)?;
-                let worker = Worker { store: store.clone(), crm, settings: delivery_settings(config), owner: owner_id(), health: None };
+                let worker = Worker {
+                    store: store.clone(),
+                    crm,
+                    settings: delivery_settings(config),
+                    owner: owner_id(),
+                    health: None,
+                };
                 let stats = worker.drain(&CancellationToken::new()).await?;
-                println!("delivered {}, retry later {}, dead {}, skipped {}", stats.delivered, stats.retried, stats.dead, stats.skipped);
+                println!(
+                    "delivered {}, retry later {}, dead {}, skipped {}",
+                    stats.delivered, stats.retried, stats.dead, stats.skipped
+                );
             }
         }
         DeadLetters::Drop { ids, all } => {

@@ -129,7 +129,8 @@ impl Worker {
         let contributions: Vec<_> = claimed.iter().map(|row| &row.contribution).collect();
         let mut outcomes: Vec<Option<Delivery>> = vec![None; claimed.len()];
 
-        let resolutions = identity::resolve(&*self.store, &*self.crm, self.settings.unknown_authors, &contributions).await;
+        let resolutions =
+            identity::resolve(&*self.store, &*self.crm, self.settings.unknown_authors, &contributions).await;
         let resolutions = match resolutions {
             Ok(resolutions) => resolutions,
             Err(IdentityError::State(error)) => return Err(error.into()),
@@ -210,14 +211,23 @@ impl Worker {
         metrics::counter!("tributary_delivered_total", "outcome" => "dead").increment(stats.dead as u64);
         metrics::counter!("tributary_delivered_total", "outcome" => "skipped").increment(stats.skipped as u64);
         tracing::info!(
-            claimed = stats.claimed, delivered = stats.delivered, retried = stats.retried,
-            dead = stats.dead, skipped = stats.skipped, "batch delivered"
+            claimed = stats.claimed,
+            delivered = stats.delivered,
+            retried = stats.retried,
+            dead = stats.dead,
+            skipped = stats.skipped,
+            "batch delivered"
         );
         Ok(stats)
     }
 
     fn finished(&self, row: &Claimed, delivery: Delivery) -> Finished {
-        Finished { id: row.id, content_hash: row.content_hash.clone(), contribution: row.contribution.clone(), delivery }
+        Finished {
+            id: row.id,
+            content_hash: row.content_hash.clone(),
+            contribution: row.contribution.clone(),
+            delivery,
+        }
     }
 
     /// Writes the figures of every contact whose activities changed.

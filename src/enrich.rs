@@ -59,22 +59,59 @@ pub fn enrich(contribution: &mut Contribution) {
 /// The documented rule set above.
 pub fn intent(text: &str, sentiment: f64) -> Intent {
     const QUESTION_OPENERS: &[&str] = &[
-        "how ", "what ", "why ", "when ", "where ", "who ", "which ", "can ", "could ", "does ", "do ", "is ", "are ",
-        "should ", "would anyone", "any way",
+        "how ",
+        "what ",
+        "why ",
+        "when ",
+        "where ",
+        "who ",
+        "which ",
+        "can ",
+        "could ",
+        "does ",
+        "do ",
+        "is ",
+        "are ",
+        "should ",
+        "would anyone",
+        "any way",
     ];
     const IDEA: &[&str] = &[
-        "feature request", "it would be great", "it would be nice", "would be nice", "please add", "suggestion",
-        "idea:", "i wish", "could you add", "it'd be great", "would love to see",
+        "feature request",
+        "it would be great",
+        "it would be nice",
+        "would be nice",
+        "please add",
+        "suggestion",
+        "idea:",
+        "i wish",
+        "could you add",
+        "it'd be great",
+        "would love to see",
     ];
     const COMPLAINT: &[&str] = &[
-        "broken", "doesn't work", "does not work", "not working", "crash", "bug", "error", "fail", "frustrat",
-        "refund", "terrible", "awful", "unusable", "charged twice", "disappointed", "worst",
+        "broken",
+        "doesn't work",
+        "does not work",
+        "not working",
+        "crash",
+        "bug",
+        "error",
+        "fail",
+        "frustrat",
+        "refund",
+        "terrible",
+        "awful",
+        "unusable",
+        "charged twice",
+        "disappointed",
+        "worst",
     ];
-    const PRAISE: &[&str] =
-        &["love", "thank", "great job", "awesome", "fantastic", "amazing", "excellent", "kudos"];
+    const PRAISE: &[&str] = &["love", "thank", "great job", "awesome", "fantastic", "amazing", "excellent", "kudos"];
 
     let lower = text.to_lowercase();
-    let opens_with_question = lower.lines().any(|line| QUESTION_OPENERS.iter().any(|q| line.trim_start().starts_with(q)));
+    let opens_with_question =
+        lower.lines().any(|line| QUESTION_OPENERS.iter().any(|q| line.trim_start().starts_with(q)));
     if lower.contains('?') || opens_with_question {
         Intent::Question
     } else if IDEA.iter().any(|p| lower.contains(p)) {

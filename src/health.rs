@@ -89,7 +89,11 @@ pub fn router(store: Arc<dyn StateStore>, health: Arc<Health>, metrics: Option<P
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: tokio::net::TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
@@ -107,7 +111,8 @@ async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
             let configured = app.health.sources.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for state in states.iter().filter(|s| configured.contains_key(&s.name)) {
                 if state.consecutive_failures >= app.health.failure_threshold {
-                    problems.push(format!("source `{}` failed {} polls in a row", state.name, state.consecutive_failures));
+                    problems
+                        .push(format!("source `{}` failed {} polls in a row", state.name, state.consecutive_failures));
                 }
             }
         }

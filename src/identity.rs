@@ -67,7 +67,8 @@ pub async fn resolve(
         }
     }
 
-    let email_of = |c: &Contribution| c.author.email.as_ref().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
+    let email_of =
+        |c: &Contribution| c.author.email.as_ref().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
     let (with_email, without_email): (Vec<&Contribution>, Vec<&Contribution>) =
         unresolved.into_iter().partition(|c| email_of(c).is_some());
 
@@ -114,7 +115,10 @@ pub async fn resolve(
             }
             None if mode == UnknownAuthors::Create => to_create.push(c),
             None => {
-                by_identity.insert(c.identity_key(), Resolution::Skip("unknown author (no CRM contact with this handle)".into()));
+                by_identity.insert(
+                    c.identity_key(),
+                    Resolution::Skip("unknown author (no CRM contact with this handle)".into()),
+                );
             }
         }
     }

@@ -79,24 +79,33 @@ async fn poll_pages(
     loop {
         let request = PollRequest { cursor: cursor.clone(), since };
         let page = source.poll(&request).await?;
-        let contributions: Vec<Contribution> =
-            page.contributions.into_iter().map(|c| normalize(name, c)).collect();
+        let contributions: Vec<Contribution> = page.contributions.into_iter().map(|c| normalize(name, c)).collect();
         for item in &page.quarantined {
             tracing::warn!(external_id = ?item.external_id, reason = %item.reason, "item quarantined");
         }
         let next_cursor = page.next_cursor.clone();
         let commit = store.commit_page(name, contributions, page.quarantined, next_cursor.clone()).await?;
-        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "new").increment(commit.new);
-        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "updated").increment(commit.updated);
-        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "unchanged").increment(commit.unchanged);
-        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "quarantined").increment(commit.quarantined);
+        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "new")
+            .increment(commit.new);
+        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "updated")
+            .increment(commit.updated);
+        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "unchanged")
+            .increment(commit.unchanged);
+        metrics::counter!("tributary_contributions_total", "source" => name.to_owned(), "outcome" => "quarantined")
+            .increment(commit.quarantined);
         stats.pages += 1;
         stats.commit.new += commit.new;
         stats.commit.updated += commit.updated;
         stats.commit.unchanged += commit.unchanged;
         stats.commit.quarantined += commit.quarantined;
         on_page(&commit);
-        tracing::debug!(page = stats.pages, new = commit.new, updated = commit.updated, unchanged = commit.unchanged, "page committed");
+        tracing::debug!(
+            page = stats.pages,
+            new = commit.new,
+            updated = commit.updated,
+            unchanged = commit.unchanged,
+            "page committed"
+        );
         if next_cursor.is_some() {
             cursor = next_cursor;
         }

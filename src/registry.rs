@@ -64,9 +64,9 @@ pub fn build_crm(config: &CrmConfig) -> anyhow::Result<Arc<dyn Crm>> {
     let _ = &http;
     let crm: Arc<dyn Crm> = match &config.kind {
         #[cfg(feature = "hubspot")]
-        CrmKind::Hubspot(c) => Arc::new(
-            tributary_crm::hubspot::HubSpotCrm::new(c.clone(), http).context("cannot build the HubSpot CRM")?,
-        ),
+        CrmKind::Hubspot(c) => {
+            Arc::new(tributary_crm::hubspot::HubSpotCrm::new(c.clone(), http).context("cannot build the HubSpot CRM")?)
+        }
         #[cfg(feature = "file")]
         CrmKind::File(c) => Arc::new(tributary_crm::file::FileCrm::new(c.clone()).context("cannot open the file CRM")?),
     };

@@ -32,15 +32,24 @@ pub async fn run_source(
             let started = std::time::Instant::now();
             // A poll in flight finishes its current page: commit_page is one
             // transaction, and the poll checks `shutdown` between pages.
-            let outcome = pipeline::poll_source(&*store, &built.name, &built.source, since, &owner, &shutdown, |_| {}).await;
+            let outcome =
+                pipeline::poll_source(&*store, &built.name, &built.source, since, &owner, &shutdown, |_| {}).await;
             let elapsed = started.elapsed();
-            metrics::histogram!("tributary_poll_duration_seconds", "source" => built.name.clone()).record(elapsed.as_secs_f64());
+            metrics::histogram!("tributary_poll_duration_seconds", "source" => built.name.clone())
+                .record(elapsed.as_secs_f64());
             match outcome {
                 Ok(stats) => {
-                    metrics::counter!("tributary_polls_total", "source" => built.name.clone(), "outcome" => "ok").increment(1);
-                    tracing::info!(pages = stats.pages, new = stats.commit.new, updated = stats.commit.updated,
-                        unchanged = stats.commit.unchanged, quarantined = stats.commit.quarantined,
-                        elapsed_ms = elapsed.as_millis() as u64, "poll done");
+                    metrics::counter!("tributary_polls_total", "source" => built.name.clone(), "outcome" => "ok")
+                        .increment(1);
+                    tracing::info!(
+                        pages = stats.pages,
+                        new = stats.commit.new,
+                        updated = stats.commit.updated,
+                        unchanged = stats.commit.unchanged,
+                        quarantined = stats.commit.quarantined,
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "poll done"
+                    );
                     if let Err(error) = store.record_poll(&built.name, None).await {
                         tracing::warn!(error = %error, "cannot record the poll");
                     }
@@ -50,7 +59,8 @@ pub async fn run_source(
                 }
                 Err(PollError::Busy) => tracing::info!("another poll of this source is running; skipped"),
                 Err(error) => {
-                    metrics::counter!("tributary_polls_total", "source" => built.name.clone(), "outcome" => "error").increment(1);
+                    metrics::counter!("tributary_polls_total", "source" => built.name.clone(), "outcome" => "error")
+                        .increment(1);
                     let message = error.to_string();
                     tracing::warn!(error = %message, "poll failed");
                     if let Err(error) = store.record_poll(&built.name, Some(&message)).await {

@@ -29,10 +29,16 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
-    metrics::describe_counter!("tributary_contributions_total", "Contributions fetched, by source and outcome (new, updated, unchanged, quarantined)");
+    metrics::describe_counter!(
+        "tributary_contributions_total",
+        "Contributions fetched, by source and outcome (new, updated, unchanged, quarantined)"
+    );
     metrics::describe_counter!("tributary_polls_total", "Polls, by source and outcome");
     metrics::describe_histogram!("tributary_poll_duration_seconds", "Duration of one poll of a source");
-    metrics::describe_counter!("tributary_delivered_total", "Outbox rows finished, by outcome (delivered, retry, dead, skipped)");
+    metrics::describe_counter!(
+        "tributary_delivered_total",
+        "Outbox rows finished, by outcome (delivered, retry, dead, skipped)"
+    );
     metrics::describe_gauge!("tributary_outbox_backlog", "Contributions waiting for delivery");
     metrics::describe_gauge!("tributary_dead_letters", "Contributions the CRM refused for good");
     metrics::describe_gauge!("tributary_quarantined", "Malformed items kept with their reason");

@@ -33,7 +33,8 @@ async fn discourse(response: ResponseTemplate) -> MockServer {
 
 fn setup_for(discourse: &MockServer, hubspot: &MockHubSpot) -> Setup {
     let setup = Setup::new();
-    let sources = format!("[sources.forum]\ntype = \"discourse\"\nbase_url = \"{}\"\nschedule = \"every 2m\"\n", discourse.uri());
+    let sources =
+        format!("[sources.forum]\ntype = \"discourse\"\nbase_url = \"{}\"\nschedule = \"every 2m\"\n", discourse.uri());
     setup.write_config(&hubspot_config(&hubspot.base_url(), "", &sources));
     let crm_setup = setup.run(&["crm", "setup"], &[("TEST_HUBSPOT_TOKEN", TOKEN)]);
     assert!(crm_setup.status.success(), "{}", stderr(&crm_setup));
@@ -90,7 +91,19 @@ async fn check_unreadable(response: ResponseTemplate, expected: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_responses_are_clear_errors() {
-    check_unreadable(ResponseTemplate::new(200).set_body_raw(b"{\"latest_posts\": [{\"id\": 1,".to_vec(), "application/json"), "cannot read").await;
-    check_unreadable(ResponseTemplate::new(200).set_body_raw(b"{\"latest_posts\": \"\xff\xfe\"}".to_vec(), "application/json"), "cannot read").await;
-    check_unreadable(ResponseTemplate::new(200).set_body_raw(vec![b' '; 10 * 1024 * 1024], "application/json"), "larger than").await;
+    check_unreadable(
+        ResponseTemplate::new(200).set_body_raw(b"{\"latest_posts\": [{\"id\": 1,".to_vec(), "application/json"),
+        "cannot read",
+    )
+    .await;
+    check_unreadable(
+        ResponseTemplate::new(200).set_body_raw(b"{\"latest_posts\": \"\xff\xfe\"}".to_vec(), "application/json"),
+        "cannot read",
+    )
+    .await;
+    check_unreadable(
+        ResponseTemplate::new(200).set_body_raw(vec![b' '; 10 * 1024 * 1024], "application/json"),
+        "larger than",
+    )
+    .await;
 }

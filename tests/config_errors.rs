@@ -41,11 +41,20 @@ fn check(config: &str, fragments: &[&str]) {
 #[test]
 fn bad_configs_exit_78_with_file_line_key_and_hint() {
     check(&GOOD.replace("listen =", "listne ="), &["{config}:4:1: `daemon.listne`: unknown field `listne`", "hint:"]);
-    check(&GOOD.replace("\"every 2m\"", "\"every now and then\""), &["{config}:12:", "`sources.demo.schedule`", "invalid schedule", "hint: write `every 2m`"]);
-    check(&GOOD.replace("\"every 2m\"", "\"99 * * * *\""), &["{config}:12:", "cron expression", "hint:"]);
-    check(&GOOD.replace("type = \"demo\"", "type = \"demo\"\nper_page = \"many\""), &["{config}:12:", "`sources.demo.per_page`", "invalid type", "hint:"]);
     check(
-        &GOOD.replace("path = \"{dir}/crm.json\"", "path = \"{dir}/crm.json\"\ntimeout = { env = \"TRIBUTARY_TEST_UNSET_SECRET\" }"),
+        &GOOD.replace("\"every 2m\"", "\"every now and then\""),
+        &["{config}:12:", "`sources.demo.schedule`", "invalid schedule", "hint: write `every 2m`"],
+    );
+    check(&GOOD.replace("\"every 2m\"", "\"99 * * * *\""), &["{config}:12:", "cron expression", "hint:"]);
+    check(
+        &GOOD.replace("type = \"demo\"", "type = \"demo\"\nper_page = \"many\""),
+        &["{config}:12:", "`sources.demo.per_page`", "invalid type", "hint:"],
+    );
+    check(
+        &GOOD.replace(
+            "path = \"{dir}/crm.json\"",
+            "path = \"{dir}/crm.json\"\ntimeout = { env = \"TRIBUTARY_TEST_UNSET_SECRET\" }",
+        ),
         &["`crm.timeout`", "TRIBUTARY_TEST_UNSET_SECRET", "hint: set it where the service runs"],
     );
     // Several problems at once are all listed.

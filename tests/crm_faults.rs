@@ -16,7 +16,8 @@ const TOTAL: usize = 60;
 async fn faults_are_retried_without_duplicates_and_refusals_are_dead_lettered_until_retried() {
     let hubspot = MockHubSpot::start_with_token(TOKEN).await;
     let setup = Setup::new();
-    let sources = format!("[sources.demo]\ntype = \"demo\"\nschedule = \"every 1h\"\nper_page = {TOTAL}\ntotal = {TOTAL}\n");
+    let sources =
+        format!("[sources.demo]\ntype = \"demo\"\nschedule = \"every 1h\"\nper_page = {TOTAL}\ntotal = {TOTAL}\n");
     setup.write_config(&hubspot_config(&hubspot.base_url(), "timeout = \"1s\"", &sources));
     let env = [("TEST_HUBSPOT_TOKEN", TOKEN)];
     let crm_setup = setup.run(&["crm", "setup"], &env);
@@ -51,13 +52,22 @@ async fn faults_are_retried_without_duplicates_and_refusals_are_dead_lettered_un
     let list = setup.run(&["dead-letters", "list"], &env);
     let listed = String::from_utf8_lossy(&list.stdout).into_owned();
     assert_eq!(listed.lines().count(), jonas_items, "{listed}");
-    assert!(listed.contains("INVALID_EMAIL") || listed.contains("jonas.weber@example.org"), "the CRM's message is kept: {listed}");
+    assert!(
+        listed.contains("INVALID_EMAIL") || listed.contains("jonas.weber@example.org"),
+        "the CRM's message is kept: {listed}"
+    );
 
     // Fixed on the CRM side: a retry delivers them, once.
     hubspot.clear_rejections();
     let retry = setup.run(&["dead-letters", "retry", "--all"], &env);
     assert!(retry.status.success(), "{}", stderr(&retry));
-    assert_eq!(hubspot.notes().len(), TOTAL, "{}\n{}", String::from_utf8_lossy(&retry.stdout), String::from_utf8_lossy(&setup.run(&["dead-letters", "list"], &env).stdout));
+    assert_eq!(
+        hubspot.notes().len(),
+        TOTAL,
+        "{}\n{}",
+        String::from_utf8_lossy(&retry.stdout),
+        String::from_utf8_lossy(&setup.run(&["dead-letters", "list"], &env).stdout)
+    );
     let writes = hubspot.write_calls();
     let again = setup.run(&["dead-letters", "retry", "--all"], &env);
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 dead letter(s)"));

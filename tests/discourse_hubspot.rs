@@ -40,7 +40,8 @@ async fn mount(server: &MockServer, body: &Value) {
 async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written_twice_and_edits_update() {
     let posts = Fixture::load("discourse", "posts_latest").body;
     let recorded = posts["latest_posts"].as_array().unwrap().clone();
-    let users: std::collections::BTreeSet<_> = recorded.iter().map(|p| p["username"].as_str().unwrap().to_owned()).collect();
+    let users: std::collections::BTreeSet<_> =
+        recorded.iter().map(|p| p["username"].as_str().unwrap().to_owned()).collect();
     let discourse = discourse_serving(&posts).await;
     let hubspot = MockHubSpot::start_with_token(TOKEN).await;
 
@@ -56,7 +57,11 @@ async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written
     let first = setup.run(&["crm", "setup"], &env);
     assert!(first.status.success(), "{}", stderr(&first));
     let second = setup.run(&["crm", "setup"], &env);
-    assert!(String::from_utf8_lossy(&second.stdout).contains("0 created"), "{}", String::from_utf8_lossy(&second.stdout));
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("0 created"),
+        "{}",
+        String::from_utf8_lossy(&second.stdout)
+    );
 
     let sync = setup.run(&["sync", "community"], &env);
     assert!(sync.status.success(), "{}", stderr(&sync));
@@ -66,8 +71,12 @@ async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written
     let associations = hubspot.associations();
     assert_eq!(associations.len(), recorded.len(), "every note associated: {associations:?}");
     // Post 29 (user d11) is on the note of d11's contact.
-    let d11 = hubspot.contacts().into_iter().find(|c| c.properties.values().any(|v| v == "d11")).expect("contact of d11");
-    let note_29 = notes.values().find(|n| n.get("hs_note_body").is_some_and(|b| b.contains("Here is a mention"))).expect("note of post 29");
+    let d11 =
+        hubspot.contacts().into_iter().find(|c| c.properties.values().any(|v| v == "d11")).expect("contact of d11");
+    let note_29 = notes
+        .values()
+        .find(|n| n.get("hs_note_body").is_some_and(|b| b.contains("Here is a mention")))
+        .expect("note of post 29");
     assert!(associations.contains(&(note_29.id.clone(), d11.id.clone())), "{associations:?}");
     assert!(hubspot.spec_violations().is_empty(), "{:#?}", hubspot.spec_violations());
 

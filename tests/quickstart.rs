@@ -24,7 +24,8 @@ async fn the_demo_config_fills_the_file_crm_within_15_seconds_and_every_endpoint
         read_json(&crm_path).is_some_and(|crm| {
             let contacts = crm["contacts"].as_object().map_or(0, |c| c.len());
             let activities = crm["activities"].as_object().map_or(0, |a| a.len());
-            let rollups = crm["contacts"].as_object().map_or(0, |c| c.values().filter(|c| !c["rollup"].is_null()).count());
+            let rollups =
+                crm["contacts"].as_object().map_or(0, |c| c.values().filter(|c| !c["rollup"].is_null()).count());
             contacts >= 5 && activities >= 20 && rollups == contacts
         })
     })
@@ -33,7 +34,8 @@ async fn the_demo_config_fills_the_file_crm_within_15_seconds_and_every_endpoint
 
     let crm = read_json(&crm_path).unwrap();
     // Maya writes on the forum and in support with one e-mail: one contact, two platforms.
-    let maya: Vec<_> = crm["contacts"].as_object().unwrap().values().filter(|c| c["email"] == "maya.chen@example.com").collect();
+    let maya: Vec<_> =
+        crm["contacts"].as_object().unwrap().values().filter(|c| c["email"] == "maya.chen@example.com").collect();
     assert_eq!(maya.len(), 1);
     assert_eq!(maya[0]["rollup"]["platforms"].as_array().unwrap().len(), 2);
     let activity = crm["activities"].as_object().unwrap().values().next().unwrap();
@@ -79,13 +81,21 @@ total = 10
     let mut daemon = setup.start(&[]);
     daemon.wait_healthy(Duration::from_secs(10)).await;
     let crm_path = setup.path("crm.json");
-    assert!(eventually(Duration::from_secs(10), || read_json(&crm_path).is_some_and(|c| c["activities"].as_object().map_or(0, |a| a.len()) == 10)).await);
+    assert!(
+        eventually(Duration::from_secs(10), || read_json(&crm_path)
+            .is_some_and(|c| c["activities"].as_object().map_or(0, |a| a.len()) == 10))
+        .await
+    );
 
     // Add a second source, then SIGHUP.
-    setup.write_config(&(config.to_owned() + "[sources.second]\ntype = \"demo\"\nschedule = \"every 1s\"\nseed = 7\ntotal = 5\n"));
+    setup.write_config(
+        &(config.to_owned() + "[sources.second]\ntype = \"demo\"\nschedule = \"every 1s\"\nseed = 7\ntotal = 5\n"),
+    );
     daemon.signal("HUP");
     assert!(
-        eventually(Duration::from_secs(10), || read_json(&crm_path).is_some_and(|c| c["activities"].as_object().map_or(0, |a| a.len()) == 15)).await,
+        eventually(Duration::from_secs(10), || read_json(&crm_path)
+            .is_some_and(|c| c["activities"].as_object().map_or(0, |a| a.len()) == 15))
+        .await,
         "the reloaded source did not deliver\n{}",
         setup.log()
     );

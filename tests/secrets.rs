@@ -64,14 +64,22 @@ async fn secrets_stay_out_of_logs_status_and_metrics() {
     let mut posts = Fixture::load("discourse", "posts_latest").body;
     posts["latest_posts"][0]["id"] = serde_json::Value::from(1000);
     forum.reset().await;
-    Mock::given(method("GET")).and(path("/posts.json")).respond_with(ResponseTemplate::new(200).set_body_json(&posts)).mount(&forum).await;
+    Mock::given(method("GET"))
+        .and(path("/posts.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(&posts))
+        .mount(&forum)
+        .await;
     let refused = observe(&setup, &env, || setup.log().contains("refused the credentials")).await;
     assert!(refused.contains("refused the credentials"), "the refusal was not reported:\n{refused}");
     assert!(refused.contains("\"reachable\":false"), "/status does not show the CRM down:\n{refused}");
 
     for secret in [HUBSPOT_TOKEN, DISCOURSE_KEY, WRONG_TOKEN] {
         for (name, text) in [("happy path", &happy), ("refused", &refused)] {
-            assert!(!text.contains(secret), "{name}: a secret leaked:\n{}", text.lines().filter(|l| l.contains(secret)).collect::<Vec<_>>().join("\n"));
+            assert!(
+                !text.contains(secret),
+                "{name}: a secret leaked:\n{}",
+                text.lines().filter(|l| l.contains(secret)).collect::<Vec<_>>().join("\n")
+            );
         }
     }
 }

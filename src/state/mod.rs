@@ -49,12 +49,22 @@ pub struct Claimed {
 /// How the delivery of one claimed row ended.
 #[derive(Debug, Clone)]
 pub enum Delivery {
-    Delivered { contact_id: String, activity_id: String },
+    Delivered {
+        contact_id: String,
+        activity_id: String,
+    },
     /// Try again, no sooner than `at`.
-    Retry { error: String, at: DateTime<Utc> },
-    Dead { error: String },
+    Retry {
+        error: String,
+        at: DateTime<Utc>,
+    },
+    Dead {
+        error: String,
+    },
     /// Not delivered on purpose (e.g. `unknown_authors = "skip"`).
-    Skipped { reason: String },
+    Skipped {
+        reason: String,
+    },
 }
 
 /// A finished row, with the content hash it was claimed with: if the row

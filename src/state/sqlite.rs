@@ -11,9 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup};
 
-use super::{
-    Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals,
-};
+use super::{Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals};
 
 /// Versioned schema: each entry runs once, in order, in a transaction.
 const MIGRATIONS: &[&str] = &[
@@ -140,7 +138,9 @@ impl SqliteStore {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
-    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
+    )?;
     let applied: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
     for (index, sql) in MIGRATIONS.iter().enumerate() {
         let version = index as i64 + 1;
@@ -160,7 +160,12 @@ fn in_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn store_contribution(tx: &Transaction<'_>, source: &str, contribution: &Contribution, now: i64) -> Result<Option<bool>, StateError> {
+fn store_contribution(
+    tx: &Transaction<'_>,
+    source: &str,
+    contribution: &Contribution,
+    now: i64,
+) -> Result<Option<bool>, StateError> {
     let key = contribution.key();
     let hash = contribution.content_hash();
     let known: Option<String> =
@@ -443,7 +448,8 @@ impl StateStore for SqliteStore {
     }
 
     async fn rollups_written(&self, rollups: &[Rollup]) -> Result<(), StateError> {
-        let written: Vec<(String, u64)> = rollups.iter().map(|r| (r.contact_id.clone(), r.contribution_count)).collect();
+        let written: Vec<(String, u64)> =
+            rollups.iter().map(|r| (r.contact_id.clone(), r.contribution_count)).collect();
         self.with(move |conn| {
             let tx = conn.transaction()?;
             for (contact_id, count) in &written {
@@ -510,8 +516,10 @@ impl StateStore for SqliteStore {
 
     async fn drop_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError> {
         let filter = if ids.is_empty() { String::new() } else { format!(" AND id IN ({})", in_list(ids)) };
-        self.with(move |conn| Ok(conn.execute(&format!("DELETE FROM outbox WHERE status = 'dead'{filter}"), [])? as u64))
-            .await
+        self.with(
+            move |conn| Ok(conn.execute(&format!("DELETE FROM outbox WHERE status = 'dead'{filter}"), [])? as u64),
+        )
+        .await
     }
 
     async fn acquire_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StateError> {
@@ -554,10 +562,8 @@ impl StateStore for SqliteStore {
         self.with(move |conn| {
             let tx = conn.transaction()?;
             let leases = tx.execute("DELETE FROM leases WHERE owner = ?1", [&owner])?;
-            let rows = tx.execute(
-                "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1",
-                [&owner],
-            )?;
+            let rows = tx
+                .execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1", [&owner])?;
             tx.commit()?;
             Ok((leases + rows) as u64)
         })
@@ -665,7 +671,10 @@ mod tests {
     #[tokio::test]
     async fn the_ledger_drops_unchanged_items_and_the_cursor_moves_with_the_page() {
         let (_dir, store) = store();
-        let first = store.commit_page("s", vec![item("1", "a"), item("2", "b")], vec![], Some(Cursor("c1".into()))).await.unwrap();
+        let first = store
+            .commit_page("s", vec![item("1", "a"), item("2", "b")], vec![], Some(Cursor("c1".into())))
+            .await
+            .unwrap();
         assert_eq!((first.new, first.updated, first.unchanged), (2, 0, 0));
         assert_eq!(store.cursor("s").await.unwrap(), Some(Cursor("c1".into())));
         let again = store.commit_page("s", vec![item("1", "a"), item("2", "b, edited")], vec![], None).await.unwrap();
@@ -675,7 +684,10 @@ mod tests {
         let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
         assert_eq!(claimed.len(), 2);
         assert_eq!(claimed[1].contribution.body, "b, edited");
-        assert!(store.claim("other", 10, Duration::from_secs(60)).await.unwrap().is_empty(), "leased rows are not claimed twice");
+        assert!(
+            store.claim("other", 10, Duration::from_secs(60)).await.unwrap().is_empty(),
+            "leased rows are not claimed twice"
+        );
     }
 
     #[tokio::test]
@@ -687,7 +699,15 @@ mod tests {
         let row = &claimed[0];
         let delivered = Delivery::Delivered { contact_id: "c".into(), activity_id: "a".into() };
         store
-            .finish("w", vec![Finished { id: row.id, content_hash: row.content_hash.clone(), contribution: row.contribution.clone(), delivery: delivered }])
+            .finish(
+                "w",
+                vec![Finished {
+                    id: row.id,
+                    content_hash: row.content_hash.clone(),
+                    contribution: row.contribution.clone(),
+                    delivery: delivered,
+                }],
+            )
             .await
             .unwrap();
         let next = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
@@ -698,13 +718,24 @@ mod tests {
     #[tokio::test]
     async fn dead_letters_can_be_retried_and_dropped_and_rollups_follow_deliveries() {
         let (_dir, store) = store();
-        store.commit_page("s", vec![item("1", "a"), item("2", "b")], vec![Quarantined::new(None, "bad", "{")], None).await.unwrap();
+        store
+            .commit_page("s", vec![item("1", "a"), item("2", "b")], vec![Quarantined::new(None, "bad", "{")], None)
+            .await
+            .unwrap();
         let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
         let finished = vec![
-            Finished { id: claimed[0].id, content_hash: claimed[0].content_hash.clone(), contribution: claimed[0].contribution.clone(),
-                delivery: Delivery::Dead { error: "INVALID_EMAIL".into() } },
-            Finished { id: claimed[1].id, content_hash: claimed[1].content_hash.clone(), contribution: claimed[1].contribution.clone(),
-                delivery: Delivery::Delivered { contact_id: "c1".into(), activity_id: "n1".into() } },
+            Finished {
+                id: claimed[0].id,
+                content_hash: claimed[0].content_hash.clone(),
+                contribution: claimed[0].contribution.clone(),
+                delivery: Delivery::Dead { error: "INVALID_EMAIL".into() },
+            },
+            Finished {
+                id: claimed[1].id,
+                content_hash: claimed[1].content_hash.clone(),
+                contribution: claimed[1].contribution.clone(),
+                delivery: Delivery::Delivered { contact_id: "c1".into(), activity_id: "n1".into() },
+            },
         ];
         store.finish("w", finished).await.unwrap();
         let letters = store.dead_letters().await.unwrap();
@@ -733,6 +764,9 @@ mod tests {
         store.release_lease("source:s", "a").await.unwrap();
         assert!(store.acquire_lease("source:s", "b", Duration::from_millis(1)).await.unwrap());
         tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(store.acquire_lease("source:s", "a", Duration::from_secs(60)).await.unwrap(), "expired lease taken over");
+        assert!(
+            store.acquire_lease("source:s", "a", Duration::from_secs(60)).await.unwrap(),
+            "expired lease taken over"
+        );
     }
 }

@@ -32,7 +32,8 @@ impl Setup {
 
     /// Writes `config.toml`; `{dir}` and `{port}` in the text are filled in.
     pub fn write_config(&self, text: &str) -> PathBuf {
-        let text = text.replace("{dir}", &self.dir.path().display().to_string()).replace("{port}", &self.port.to_string());
+        let text =
+            text.replace("{dir}", &self.dir.path().display().to_string()).replace("{port}", &self.port.to_string());
         let path = self.path("config.toml");
         std::fs::write(&path, text).expect("write config");
         path
@@ -55,7 +56,8 @@ impl Setup {
 
     /// Starts `tributary run`; logs go to `daemon.log` in the folder.
     pub fn start(&self, env: &[(&str, &str)]) -> Daemon {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path("daemon.log")).expect("log file");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path("daemon.log")).expect("log file");
         let mut command = self.command(&["run"]);
         for (k, v) in env {
             command.env(k, v);
@@ -99,7 +101,8 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().expect("kill");
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().expect("kill");
         assert!(status.success());
     }
 

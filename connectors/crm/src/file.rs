@@ -14,9 +14,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
-use tributary_sdk::{
-    ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup, SetupReport,
-};
+use tributary_sdk::{ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup, SetupReport};
 
 /// Settings of the file CRM.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,7 +158,9 @@ impl Crm for FileCrm {
         for input in contacts {
             let existing = match &input.email {
                 Some(email) => data.find(&ContactLookup::Email(email.clone())),
-                None => data.contacts.values().find(|c| c.identity.as_ref() == Some(&input.identity)).map(|c| c.id.clone()),
+                None => {
+                    data.contacts.values().find(|c| c.identity.as_ref() == Some(&input.identity)).map(|c| c.id.clone())
+                }
             };
             let id = match existing {
                 Some(id) => id,
@@ -282,13 +282,15 @@ mod tests {
             display_name: Some("Maya".into()),
             profile_url: None,
         };
-        let support = ContactUpsert { platform: "support".into(), email: Some("maya@example.com".into()), ..maya.clone() };
+        let support =
+            ContactUpsert { platform: "support".into(), email: Some("maya@example.com".into()), ..maya.clone() };
         let ids = crm.upsert_contacts(&[maya.clone(), support]).await.unwrap();
         assert_eq!(ids[0], ids[1], "same e-mail, same contact");
         let RecordOutcome::Done(contact_id) = ids[0].clone() else { panic!("{ids:?}") };
 
-        let activity = ActivityUpsert { key: "k1".into(), contact_id: contact_id.clone(), contribution: contribution("1", "hi") };
-        crm.upsert_activities(&[activity.clone()]).await.unwrap();
+        let activity =
+            ActivityUpsert { key: "k1".into(), contact_id: contact_id.clone(), contribution: contribution("1", "hi") };
+        crm.upsert_activities(std::slice::from_ref(&activity)).await.unwrap();
         let edited = ActivityUpsert { contribution: contribution("1", "hi, edited"), ..activity };
         crm.upsert_activities(&[edited]).await.unwrap();
 
@@ -302,7 +304,10 @@ mod tests {
         let reopened = FileCrm::new(FileCrmConfig { path }).unwrap();
         let again = reopened.upsert_contacts(&[maya]).await.unwrap();
         assert_eq!(again[0], RecordOutcome::Done(contact_id.clone()));
-        let found = reopened.find_contact(&ContactLookup::Handle { platform: "support".into(), handle: "mayac".into() }).await.unwrap();
+        let found = reopened
+            .find_contact(&ContactLookup::Handle { platform: "support".into(), handle: "mayac".into() })
+            .await
+            .unwrap();
         assert_eq!(found, Some(contact_id));
     }
 }

@@ -78,17 +78,53 @@ const PERSONAS: &[Persona] = &[
 
 /// (intent of the text, title, body): a mix of questions, complaints, ideas and praise.
 const TEXTS: &[(&str, &str, &str)] = &[
-    ("question", "How do I export my dashboards?", "Is there a way to export dashboards to PDF? I looked in settings but can't find it."),
+    (
+        "question",
+        "How do I export my dashboards?",
+        "Is there a way to export dashboards to PDF? I looked in settings but can't find it.",
+    ),
     ("question", "SSO with Okta", "Does the Team plan support SAML SSO with Okta, or do we need Enterprise?"),
-    ("question", "API pagination", "How does pagination work on the /events endpoint? I only ever get the first 100 items."),
-    ("complaint", "Sync keeps failing", "The nightly sync has failed three times this week with a timeout. This is really frustrating, our reports are broken."),
-    ("complaint", "Billing charged twice", "I was charged twice for November. Terrible experience, please refund the duplicate charge."),
-    ("complaint", "Mobile app crashes", "The mobile app crashes every time I open a shared board. It's unusable on Android right now."),
-    ("idea", "Feature request: dark mode", "It would be great to have a dark mode for the editor. Maybe follow the OS setting?"),
-    ("idea", "Suggestion: webhooks for comments", "Please add webhooks for new comments so we can route them to Slack. Would be nice to filter by project too."),
-    ("idea", "Idea: bulk edit tags", "Feature request: let us bulk edit tags on many items at once instead of one by one."),
+    (
+        "question",
+        "API pagination",
+        "How does pagination work on the /events endpoint? I only ever get the first 100 items.",
+    ),
+    (
+        "complaint",
+        "Sync keeps failing",
+        "The nightly sync has failed three times this week with a timeout. This is really frustrating, our reports are broken.",
+    ),
+    (
+        "complaint",
+        "Billing charged twice",
+        "I was charged twice for November. Terrible experience, please refund the duplicate charge.",
+    ),
+    (
+        "complaint",
+        "Mobile app crashes",
+        "The mobile app crashes every time I open a shared board. It's unusable on Android right now.",
+    ),
+    (
+        "idea",
+        "Feature request: dark mode",
+        "It would be great to have a dark mode for the editor. Maybe follow the OS setting?",
+    ),
+    (
+        "idea",
+        "Suggestion: webhooks for comments",
+        "Please add webhooks for new comments so we can route them to Slack. Would be nice to filter by project too.",
+    ),
+    (
+        "idea",
+        "Idea: bulk edit tags",
+        "Feature request: let us bulk edit tags on many items at once instead of one by one.",
+    ),
     ("praise", "Love the new editor", "Just wanted to say the new editor is fantastic. Thanks to the team, great job!"),
-    ("praise", "Support was amazing", "Huge thanks to support for fixing our import in under an hour. Awesome service."),
+    (
+        "praise",
+        "Support was amazing",
+        "Huge thanks to support for fixing our import in under an hour. Awesome service.",
+    ),
     ("other", "Meetup in Berlin", "We're hosting a user meetup in Berlin next month, details on the events page."),
 ];
 
@@ -129,7 +165,7 @@ impl DemoSource {
         let (kind, title) = match platform {
             "support" => (Kind::Ticket, Some(title.to_owned())),
             "social" => (Kind::Mention, None),
-            _ if (r >> 24) % 3 == 0 => (Kind::Reply, Some(format!("Re: {title}"))),
+            _ if (r >> 24).is_multiple_of(3) => (Kind::Reply, Some(format!("Re: {title}"))),
             _ => (Kind::Post, Some(title.to_owned())),
         };
         Contribution {
@@ -216,7 +252,8 @@ mod tests {
 
     #[tokio::test]
     async fn pages_follow_the_cursor_and_stop_at_total() {
-        let source = DemoSource::new("demo", DemoConfig { per_page: 30, total: 50, drain: true, ..DemoConfig::default() });
+        let source =
+            DemoSource::new("demo", DemoConfig { per_page: 30, total: 50, drain: true, ..DemoConfig::default() });
         let first = source.poll(&PollRequest::default()).await.unwrap();
         assert_eq!(first.contributions.len(), 30);
         assert!(first.has_more);

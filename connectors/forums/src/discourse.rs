@@ -27,8 +27,8 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tributary_sdk::{
-    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page,
-    PollRequest, Quarantined, SecretError, SecretRef, Source, SourceError, text::html_to_text,
+    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
+    Quarantined, SecretError, SecretRef, Source, SourceError, text::html_to_text,
 };
 use url::Url;
 
@@ -141,21 +141,15 @@ struct PassState {
 }
 
 impl DiscourseSource {
-    pub fn new(
-        instance: &str,
-        config: DiscourseConfig,
-        http: HttpOptions,
-    ) -> Result<DiscourseSource, BuildError> {
-        if !matches!(config.base_url.scheme(), "http" | "https")
-            || config.base_url.cannot_be_a_base()
-        {
+    pub fn new(instance: &str, config: DiscourseConfig, http: HttpOptions) -> Result<DiscourseSource, BuildError> {
+        if !matches!(config.base_url.scheme(), "http" | "https") || config.base_url.cannot_be_a_base() {
             return Err(BuildError::InvalidBaseUrl(config.base_url.to_string()));
         }
         let headers = match &config.api_key {
             Some(secret) => {
                 let secret = secret.resolve()?;
-                let mut key = HeaderValue::from_str(secret.expose_secret())
-                    .map_err(|_| BuildError::InvalidHeader("api_key"))?;
+                let mut key =
+                    HeaderValue::from_str(secret.expose_secret()).map_err(|_| BuildError::InvalidHeader("api_key"))?;
                 key.set_sensitive(true);
                 let username = HeaderValue::from_str(&config.api_username)
                     .map_err(|_| BuildError::InvalidHeader("api_username"))?;
@@ -190,9 +184,7 @@ impl DiscourseSource {
     async fn get(&self, url: Url) -> Result<HttpResponse, HttpError> {
         let mut request = self.http.get(url);
         if let Some(headers) = &self.headers {
-            request = request
-                .header("Api-Key", headers.key.clone())
-                .header("Api-Username", headers.username.clone());
+            request = request.header("Api-Key", headers.key.clone()).header("Api-Username", headers.username.clone());
         }
         self.http.send(request).await
     }
@@ -201,20 +193,15 @@ impl DiscourseSource {
     async fn fetch_posts(&self, before: Option<u64>) -> Result<Vec<Value>, SourceError> {
         let mut url = self.endpoint(&["posts.json"]);
         if let Some(before) = before {
-            url.query_pairs_mut()
-                .append_pair("before", &before.to_string());
+            url.query_pairs_mut().append_pair("before", &before.to_string());
         }
         let response = self.get(url).await?;
         check_status(&response)?;
-        let mut body: Value = serde_json::from_slice(&response.body).map_err(|error| {
-            SourceError::Decode(format!("{} did not answer JSON: {error}", response.target))
-        })?;
+        let mut body: Value = serde_json::from_slice(&response.body)
+            .map_err(|error| SourceError::Decode(format!("{} did not answer JSON: {error}", response.target)))?;
         match body.get_mut("latest_posts").map(Value::take) {
             Some(Value::Array(items)) => Ok(items),
-            _ => Err(SourceError::Decode(format!(
-                "{} answered JSON without a `latest_posts` list",
-                response.target
-            ))),
+            _ => Err(SourceError::Decode(format!("{} answered JSON without a `latest_posts` list", response.target))),
         }
     }
 
@@ -232,13 +219,7 @@ impl DiscourseSource {
             Kind::Comment
         };
         let url = post.topic_slug.as_deref().map(|slug| {
-            self.endpoint(&[
-                "t",
-                slug,
-                &post.topic_id.to_string(),
-                &post.post_number.to_string(),
-            ])
-            .to_string()
+            self.endpoint(&["t", slug, &post.topic_id.to_string(), &post.post_number.to_string()]).to_string()
         });
         let username = post.username.filter(|name| !name.is_empty());
         let display_name = post
@@ -256,10 +237,7 @@ impl DiscourseSource {
             .iter()
             .filter_map(|tag| match tag {
                 Value::String(name) => Some(name.clone()),
-                Value::Object(fields) => fields
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
+                Value::Object(fields) => fields.get("name").and_then(Value::as_str).map(str::to_owned),
                 _ => None,
             })
             .collect();
@@ -274,9 +252,7 @@ impl DiscourseSource {
             kind,
             author: Author {
                 id: author_id,
-                profile_url: username
-                    .as_deref()
-                    .map(|name| self.endpoint(&["u", name]).to_string()),
+                profile_url: username.as_deref().map(|name| self.endpoint(&["u", name]).to_string()),
                 handle: username,
                 display_name,
                 email: None,
@@ -286,9 +262,7 @@ impl DiscourseSource {
             language: None,
             created_at: post.created_at,
             updated_at: post.updated_at,
-            parent_id: post
-                .reply_to_post_number
-                .map(|number| format!("{}/{number}", post.topic_id)),
+            parent_id: post.reply_to_post_number.map(|number| format!("{}/{number}", post.topic_id)),
             thread_id: Some(post.topic_id.to_string()),
             tags,
             score: post.score,
@@ -338,9 +312,7 @@ impl DiscourseSource {
     }
 
     fn lock_emails(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
-        self.emails
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.emails.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn cached_email(&self, username: &str) -> Option<Option<String>> {
@@ -371,11 +343,7 @@ impl DiscourseSource {
         }
         if !response.status.is_success() {
             tracing::debug!(source = %self.instance, status, "discourse e-mail lookup answered no e-mail");
-            return if status == 404 {
-                Lookup::Answer(None)
-            } else {
-                Lookup::Later
-            };
+            return if status == 404 { Lookup::Answer(None) } else { Lookup::Later };
         }
         let email = serde_json::from_slice::<Value>(&response.body)
             .ok()
@@ -400,15 +368,10 @@ fn check_status(response: &HttpResponse) -> Result<(), SourceError> {
     let status = response.status.as_u16();
     match status {
         200..=299 => Ok(()),
-        401 | 403 => Err(SourceError::Auth(format!(
-            "{} answered HTTP {status}: {}",
-            response.target,
-            response.body_snippet()
-        ))),
-        _ => Err(SourceError::Status {
-            status,
-            message: format!("{}: {}", response.target, response.body_snippet()),
-        }),
+        401 | 403 => {
+            Err(SourceError::Auth(format!("{} answered HTTP {status}: {}", response.target, response.body_snippet())))
+        }
+        _ => Err(SourceError::Status { status, message: format!("{}: {}", response.target, response.body_snippet()) }),
     }
 }
 
@@ -504,11 +467,7 @@ impl Source for DiscourseSource {
                 Err(error) => {
                     let raw = serde_json::to_string(&item).unwrap_or_default();
                     let reason = format!("cannot read the post: {error}");
-                    page.quarantined.push(Quarantined::new(
-                        id.map(|id| id.to_string()),
-                        reason,
-                        &raw,
-                    ));
+                    page.quarantined.push(Quarantined::new(id.map(|id| id.to_string()), reason, &raw));
                     continue;
                 }
             };
@@ -525,11 +484,7 @@ impl Source for DiscourseSource {
                 Err(_) if post_id <= watermark => {}
                 Err(reason) => {
                     let raw = serde_json::to_string(&item).unwrap_or_default();
-                    page.quarantined.push(Quarantined::new(
-                        Some(post_id.to_string()),
-                        reason,
-                        &raw,
-                    ));
+                    page.quarantined.push(Quarantined::new(Some(post_id.to_string()), reason, &raw));
                 }
             }
         }
@@ -544,29 +499,17 @@ impl Source for DiscourseSource {
             _ => None,
         };
         // A server that ignores `before` would have us loop: stop instead.
-        let ignored_before =
-            matches!((before, oldest), (Some(before), Some(oldest)) if oldest > before);
+        let ignored_before = matches!((before, oldest), (Some(before), Some(oldest)) if oldest > before);
         if ignored_before {
             tracing::warn!(source = %self.instance, "discourse ignored `before`; ending the pass");
         }
-        let pass_over = next_before.is_none()
-            || passed_since
-            || ignored_before
-            || pages >= self.config.max_pages_per_poll.max(1);
+        let pass_over =
+            next_before.is_none() || passed_since || ignored_before || pages >= self.config.max_pages_per_poll.max(1);
         let next = match next_before {
-            Some(next_before) if !pass_over => DiscourseCursor {
-                watermark,
-                pass: Some(PassState {
-                    top,
-                    before: next_before,
-                    pages,
-                    since,
-                }),
-            },
-            _ => DiscourseCursor {
-                watermark: watermark.max(top),
-                pass: None,
-            },
+            Some(next_before) if !pass_over => {
+                DiscourseCursor { watermark, pass: Some(PassState { top, before: next_before, pages, since }) }
+            }
+            _ => DiscourseCursor { watermark: watermark.max(top), pass: None },
         };
         tracing::debug!(
             source = %self.instance, before, fetched,
@@ -640,11 +583,7 @@ mod tests {
     }
 
     async fn serve(server: &MockServer, response: ResponseTemplate) {
-        Mock::given(method("GET"))
-            .and(path("/posts.json"))
-            .respond_with(response)
-            .mount(server)
-            .await;
+        Mock::given(method("GET")).and(path("/posts.json")).respond_with(response).mount(server).await;
     }
 
     fn cursor(page: &Page) -> DiscourseCursor {
@@ -652,24 +591,15 @@ mod tests {
     }
 
     fn cursor_at(watermark: u64) -> Option<Cursor> {
-        Some(Cursor::from_json(&DiscourseCursor {
-            watermark,
-            pass: None,
-        }))
+        Some(Cursor::from_json(&DiscourseCursor { watermark, pass: None }))
     }
 
     fn ids(page: &Page) -> Vec<&str> {
-        page.contributions
-            .iter()
-            .map(|c| c.external_id.as_str())
-            .collect()
+        page.contributions.iter().map(|c| c.external_id.as_str()).collect()
     }
 
     fn find<'a>(page: &'a Page, id: &str) -> &'a Contribution {
-        page.contributions
-            .iter()
-            .find(|c| c.external_id == id)
-            .unwrap()
+        page.contributions.iter().find(|c| c.external_id == id).unwrap()
     }
 
     /// One expected post of the fixture, checked by value.
@@ -696,27 +626,15 @@ mod tests {
         assert_eq!(c.author.id, expect.author_id, "{at}");
         assert_eq!(c.author.handle.as_deref(), Some(expect.handle), "{at}");
         assert_eq!(c.author.display_name.as_deref(), Some(expect.name), "{at}");
-        assert_eq!(
-            c.author.profile_url.as_deref(),
-            Some(format!("{base}/u/{}", expect.handle).as_str()),
-            "{at}"
-        );
+        assert_eq!(c.author.profile_url.as_deref(), Some(format!("{base}/u/{}", expect.handle).as_str()), "{at}");
         assert_eq!(c.author.email, None, "{at}");
         assert_eq!(c.title.as_deref(), Some(expect.title), "{at}");
         assert_eq!(c.thread_id.as_deref(), Some(expect.thread), "{at}");
         assert_eq!(c.parent_id, None, "{at}");
-        assert_eq!(
-            c.url.as_deref(),
-            Some(format!("{base}{}", expect.url_path).as_str()),
-            "{at}"
-        );
+        assert_eq!(c.url.as_deref(), Some(format!("{base}{}", expect.url_path).as_str()), "{at}");
         assert_eq!(c.edited, expect.edited, "{at}");
         assert!(!c.deleted, "{at}");
-        assert_eq!(
-            c.created_at,
-            expect.created_at.parse::<DateTime<Utc>>().unwrap(),
-            "{at}"
-        );
+        assert_eq!(c.created_at, expect.created_at.parse::<DateTime<Utc>>().unwrap(), "{at}");
         assert!(c.body.starts_with(expect.body_starts), "{at}: {:?}", c.body);
         assert!(!c.body.contains('<'), "{at}: HTML left in {:?}", c.body);
         assert_eq!(c.language, None, "{at}");
@@ -728,16 +646,8 @@ mod tests {
     async fn maps_every_recorded_post() {
         let server = MockServer::start().await;
         serve(&server, fixture().response()).await;
-        let page = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap();
-        assert_eq!(
-            ids(&page),
-            [
-                "29", "28", "27", "26", "25", "22", "18", "17", "16", "14", "10", "1"
-            ]
-        );
+        let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(ids(&page), ["29", "28", "27", "26", "25", "22", "18", "17", "16", "14", "10", "1"]);
         assert!(page.quarantined.is_empty());
         let base = server.uri();
         let expected = [
@@ -837,45 +747,20 @@ mod tests {
             check(&page, &base, expect);
         }
         // Every post of the page: edited exactly where the fixture says so.
-        let edited: Vec<_> = page
-            .contributions
-            .iter()
-            .filter(|c| c.edited)
-            .map(|c| c.external_id.as_str())
-            .collect();
+        let edited: Vec<_> = page.contributions.iter().filter(|c| c.edited).map(|c| c.external_id.as_str()).collect();
         assert_eq!(edited, ["26", "18", "14", "10"]);
         for c in &page.contributions {
-            assert!(
-                !c.body.is_empty() && !c.body.contains("<p>"),
-                "{}: {:?}",
-                c.external_id,
-                c.body
-            );
+            assert!(!c.body.is_empty() && !c.body.contains("<p>"), "{}: {:?}", c.external_id, c.body);
         }
         let post29 = find(&page, "29");
         assert_eq!(post29.score, Some(5.2));
-        assert_eq!(
-            post29.updated_at,
-            Some("2019-10-23T18:26:31.281Z".parse().unwrap())
-        );
+        assert_eq!(post29.updated_at, Some("2019-10-23T18:26:31.281Z".parse().unwrap()));
         let body29 = post29.body.replace(['[', ']'], "");
-        assert!(
-            body29.contains("Here is a post reference with a slug: My First Test Post"),
-            "{body29:?}"
-        );
-        assert_eq!(
-            find(&page, "14").updated_at,
-            Some("2019-10-24T16:51:12.095Z".parse().unwrap())
-        );
+        assert!(body29.contains("Here is a post reference with a slug: My First Test Post"), "{body29:?}");
+        assert_eq!(find(&page, "14").updated_at, Some("2019-10-24T16:51:12.095Z".parse().unwrap()));
         // Oldest post is id 1: nothing older to page back to.
         assert!(!page.has_more);
-        assert_eq!(
-            cursor(&page),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&page), DiscourseCursor { watermark: 29, pass: None });
     }
 
     /// Serves the fixture in two pages: the newest 6 posts, then (for
@@ -905,46 +790,17 @@ mod tests {
         serve_two_pages(&server).await;
         let source = source(config(&server));
 
-        let first = source
-            .poll(&PollRequest {
-                cursor: cursor_at(10),
-                since: None,
-            })
-            .await
-            .unwrap();
+        let first = source.poll(&PollRequest { cursor: cursor_at(10), since: None }).await.unwrap();
         assert_eq!(ids(&first), ["29", "28", "27", "26", "25", "22"]);
         assert!(first.has_more);
-        let pass = PassState {
-            top: 29,
-            before: 21,
-            pages: 1,
-            since: None,
-        };
-        assert_eq!(
-            cursor(&first),
-            DiscourseCursor {
-                watermark: 10,
-                pass: Some(pass)
-            }
-        );
+        let pass = PassState { top: 29, before: 21, pages: 1, since: None };
+        assert_eq!(cursor(&first), DiscourseCursor { watermark: 10, pass: Some(pass) });
 
-        let second = source
-            .poll(&PollRequest {
-                cursor: first.next_cursor.clone(),
-                since: None,
-            })
-            .await
-            .unwrap();
+        let second = source.poll(&PollRequest { cursor: first.next_cursor.clone(), since: None }).await.unwrap();
         // 10 and 1 were committed by an earlier pass.
         assert_eq!(ids(&second), ["18", "17", "16", "14"]);
         assert!(!second.has_more);
-        assert_eq!(
-            cursor(&second),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&second), DiscourseCursor { watermark: 29, pass: None });
     }
 
     #[tokio::test]
@@ -957,13 +813,7 @@ mod tests {
         let page = source(config).poll(&PollRequest::default()).await.unwrap();
         assert_eq!(page.contributions.len(), 6);
         assert!(!page.has_more);
-        assert_eq!(
-            cursor(&page),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&page), DiscourseCursor { watermark: 29, pass: None });
     }
 
     #[tokio::test]
@@ -973,32 +823,14 @@ mod tests {
         let source = source(config(&server));
         let since = Some("2019-08-02T11:14:00Z".parse().unwrap());
 
-        let first = source
-            .poll(&PollRequest {
-                cursor: None,
-                since,
-            })
-            .await
-            .unwrap();
+        let first = source.poll(&PollRequest { cursor: None, since }).await.unwrap();
         assert!(first.has_more);
         assert_eq!(cursor(&first).pass.unwrap().since, since);
         // The daemon may not repeat `since`: the cursor carries it.
-        let second = source
-            .poll(&PollRequest {
-                cursor: first.next_cursor.clone(),
-                since: None,
-            })
-            .await
-            .unwrap();
+        let second = source.poll(&PollRequest { cursor: first.next_cursor.clone(), since: None }).await.unwrap();
         assert_eq!(ids(&second), ["18", "17", "16"]);
         assert!(!second.has_more);
-        assert_eq!(
-            cursor(&second),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&second), DiscourseCursor { watermark: 29, pass: None });
     }
 
     #[tokio::test]
@@ -1012,82 +844,44 @@ mod tests {
         // Quarantined by the pass that first saw it: not reported again.
         post_mut(&mut edited, 1)["created_at"] = "yesterday".into();
         serve(&server, with_posts(edited)).await;
-        let request = PollRequest {
-            cursor: cursor_at(29),
-            since: None,
-        };
+        let request = PollRequest { cursor: cursor_at(29), since: None };
 
         let page = source(config(&server)).poll(&request).await.unwrap();
         assert_eq!(page.contributions.len(), 11);
         assert!(page.quarantined.is_empty(), "{:?}", page.quarantined);
         assert!(!page.has_more);
-        assert_eq!(
-            cursor(&page),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&page), DiscourseCursor { watermark: 29, pass: None });
         assert_eq!(find(&page, "26").body, "Edited again.");
-        let deleted: Vec<_> = page
-            .contributions
-            .iter()
-            .filter(|c| c.deleted)
-            .map(|c| c.external_id.as_str())
-            .collect();
+        let deleted: Vec<_> = page.contributions.iter().filter(|c| c.deleted).map(|c| c.external_id.as_str()).collect();
         assert_eq!(deleted, ["25", "22"]);
 
         let mut config = config(&server);
         config.rescan_latest = false;
         let page = source(config).poll(&request).await.unwrap();
         assert!(page.contributions.is_empty());
-        assert_eq!(
-            cursor(&page),
-            DiscourseCursor {
-                watermark: 29,
-                pass: None
-            }
-        );
+        assert_eq!(cursor(&page), DiscourseCursor { watermark: 29, pass: None });
     }
 
     #[tokio::test]
     async fn malformed_posts_are_quarantined_and_the_rest_goes_on() {
         let server = MockServer::start().await;
         let mut items = posts();
-        post_mut(&mut items, 29)
-            .as_object_mut()
-            .unwrap()
-            .remove("id");
+        post_mut(&mut items, 29).as_object_mut().unwrap().remove("id");
         post_mut(&mut items, 28)["created_at"] = "last Tuesday".into();
         post_mut(&mut items, 27)["topic_id"] = "nineteen".into();
         post_mut(&mut items, 16)["post_type"] = 3.into();
         post_mut(&mut items, 17)["post_type"] = 4.into();
         post_mut(&mut items, 18)["reply_to_post_number"] = 1.into();
-        post_mut(&mut items, 18)["tags"] =
-            serde_json::json!(["howto", {"name": "sso", "id": 3}, 7]);
+        post_mut(&mut items, 18)["tags"] = serde_json::json!(["howto", {"name": "sso", "id": 3}, 7]);
         serve(&server, with_posts(items)).await;
 
-        let page = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap();
+        let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
         assert_eq!(ids(&page), ["26", "25", "22", "18", "17", "14", "10", "1"]);
-        let quarantined: Vec<_> = page
-            .quarantined
-            .iter()
-            .map(|q| q.external_id.as_deref())
-            .collect();
+        let quarantined: Vec<_> = page.quarantined.iter().map(|q| q.external_id.as_deref()).collect();
         assert_eq!(quarantined, [None, Some("28"), Some("27")]);
-        assert!(
-            page.quarantined[0].reason.contains("id"),
-            "{}",
-            page.quarantined[0].reason
-        );
+        assert!(page.quarantined[0].reason.contains("id"), "{}", page.quarantined[0].reason);
         assert!(page.quarantined[0].raw.contains("A Post With References"));
-        assert!(
-            page.quarantined[1].reason.contains("created_at")
-                || page.quarantined[1].reason.contains("input")
-        );
+        assert!(page.quarantined[1].reason.contains("created_at") || page.quarantined[1].reason.contains("input"));
         let reply = find(&page, "18");
         assert_eq!(reply.kind, Kind::Reply);
         assert_eq!(reply.parent_id.as_deref(), Some("13/1"));
@@ -1099,34 +893,14 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_is_not_json_is_a_decode_error() {
         let server = MockServer::start().await;
-        serve(
-            &server,
-            ResponseTemplate::new(200).set_body_string("<html>maintenance</html>"),
-        )
-        .await;
-        let error = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&error, SourceError::Decode(message) if message.contains("/posts.json")),
-            "{error:?}"
-        );
+        serve(&server, ResponseTemplate::new(200).set_body_string("<html>maintenance</html>")).await;
+        let error = source(config(&server)).poll(&PollRequest::default()).await.unwrap_err();
+        assert!(matches!(&error, SourceError::Decode(message) if message.contains("/posts.json")), "{error:?}");
 
         let server = MockServer::start().await;
-        serve(
-            &server,
-            ResponseTemplate::new(200).set_body_json(serde_json::json!({"users": []})),
-        )
-        .await;
-        let error = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&error, SourceError::Decode(message) if message.contains("latest_posts")),
-            "{error:?}"
-        );
+        serve(&server, ResponseTemplate::new(200).set_body_json(serde_json::json!({"users": []}))).await;
+        let error = source(config(&server)).poll(&PollRequest::default()).await.unwrap_err();
+        assert!(matches!(&error, SourceError::Decode(message) if message.contains("latest_posts")), "{error:?}");
     }
 
     #[tokio::test]
@@ -1136,15 +910,11 @@ mod tests {
             let body = serde_json::json!({"errors": ["You are not permitted to view the requested resource."], "error_type": "invalid_access"});
             serve(&server, ResponseTemplate::new(status).set_body_json(body)).await;
             let source = source(config(&server));
-            for error in [
-                source.poll(&PollRequest::default()).await.unwrap_err(),
-                source.check().await.unwrap_err(),
-            ] {
+            for error in [source.poll(&PollRequest::default()).await.unwrap_err(), source.check().await.unwrap_err()] {
                 match error {
-                    SourceError::Auth(message) => assert!(
-                        is_auth && message.contains("not permitted"),
-                        "{status}: {message}"
-                    ),
+                    SourceError::Auth(message) => {
+                        assert!(is_auth && message.contains("not permitted"), "{status}: {message}")
+                    }
                     SourceError::Status { status: got, .. } => {
                         assert!(!is_auth && got == status, "{status}")
                     }
@@ -1157,8 +927,7 @@ mod tests {
     /// A source with an API key read from a secret file (removed once
     /// the source is built: the key is resolved in `new`).
     fn keyed_source(server: &MockServer, name: &str, lookup_emails: bool) -> DiscourseSource {
-        let dir =
-            std::env::temp_dir().join(format!("tributary-forums-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("tributary-forums-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("api_key");
         std::fs::write(&file, "k3y-0f-th3-f0rum\n").unwrap();
@@ -1186,10 +955,7 @@ mod tests {
         source.check().await.unwrap();
         let page = source.poll(&PollRequest::default()).await.unwrap();
         assert_eq!(page.contributions.len(), 12);
-        assert!(
-            !format!("{source:?}").contains("k3y-0f-th3-f0rum"),
-            "the key leaked into Debug"
-        );
+        assert!(!format!("{source:?}").contains("k3y-0f-th3-f0rum"), "the key leaked into Debug");
     }
 
     #[tokio::test]
@@ -1210,20 +976,14 @@ mod tests {
             .await;
         Mock::given(method("GET"))
             .and(path("/u/dl-proto/emails.json"))
-            .respond_with(
-                ResponseTemplate::new(404)
-                    .set_body_json(serde_json::json!({"errors": ["not found"]})),
-            )
+            .respond_with(ResponseTemplate::new(404).set_body_json(serde_json::json!({"errors": ["not found"]})))
             .expect(1)
             .mount(&server)
             .await;
         let source = keyed_source(&server, "emails", true);
         for _ in 0..2 {
             let page = source.poll(&PollRequest::default()).await.unwrap();
-            assert_eq!(
-                find(&page, "29").author.email.as_deref(),
-                Some("d11@example.com")
-            );
+            assert_eq!(find(&page, "29").author.email.as_deref(), Some("d11@example.com"));
             assert_eq!(find(&page, "17").author.email, None);
             assert_eq!(find(&page, "10").author.email, None);
         }
@@ -1238,10 +998,7 @@ mod tests {
         serve(&server, fixture().response()).await;
         Mock::given(method("GET"))
             .and(path_regex("^/u/[^/]+/emails.json$"))
-            .respond_with(
-                ResponseTemplate::new(403)
-                    .set_body_json(serde_json::json!({"errors": ["not permitted"]})),
-            )
+            .respond_with(ResponseTemplate::new(403).set_body_json(serde_json::json!({"errors": ["not permitted"]})))
             .expect(1)
             .mount(&server)
             .await;
@@ -1260,15 +1017,9 @@ mod tests {
         post_mut(&mut items, 29)["cooked"] =
             "<p>Hi <b>there</b> &amp; welcome</p><script>alert('pwned')</script><img src=x onerror=alert(1)>".into();
         serve(&server, with_posts(items)).await;
-        let page = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap();
+        let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
         let body = &find(&page, "29").body;
-        assert!(
-            !body.contains("<script") && !body.contains("alert") && !body.contains("onerror"),
-            "{body:?}"
-        );
+        assert!(!body.contains("<script") && !body.contains("alert") && !body.contains("onerror"), "{body:?}");
         assert!(body.starts_with("Hi there & welcome"), "{body:?}");
     }
 
@@ -1276,10 +1027,7 @@ mod tests {
     async fn an_empty_forum_keeps_no_cursor() {
         let server = MockServer::start().await;
         serve(&server, with_posts(vec![])).await;
-        let page = source(config(&server))
-            .poll(&PollRequest::default())
-            .await
-            .unwrap();
+        let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
         assert!(page.contributions.is_empty() && !page.has_more && page.next_cursor.is_none());
     }
 
@@ -1300,15 +1048,9 @@ mod tests {
         assert!(unknown.is_err());
 
         // A sub-folder install keeps its path in every link.
-        let source = DiscourseSource::new(
-            "c",
-            DiscourseConfig {
-                api_key: None,
-                ..config.clone()
-            },
-            HttpOptions::default(),
-        )
-        .unwrap();
+        let source =
+            DiscourseSource::new("c", DiscourseConfig { api_key: None, ..config.clone() }, HttpOptions::default())
+                .unwrap();
         assert_eq!(
             source.endpoint(&["t", "ünïcode slug", "7", "1"]).as_str(),
             "https://forum.example.com/community/t/%C3%BCn%C3%AFcode%20slug/7/1"
@@ -1316,21 +1058,14 @@ mod tests {
 
         let missing = DiscourseSource::new(
             "c",
-            DiscourseConfig {
-                api_key: Some(SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into())),
-                ..config.clone()
-            },
+            DiscourseConfig { api_key: Some(SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into())), ..config.clone() },
             HttpOptions::default(),
         )
         .unwrap_err();
         assert!(matches!(missing, BuildError::Secret(_)), "{missing}");
         let no_key = DiscourseSource::new(
             "c",
-            DiscourseConfig {
-                api_key: None,
-                lookup_emails: true,
-                ..config
-            },
+            DiscourseConfig { api_key: None, lookup_emails: true, ..config },
             HttpOptions::default(),
         )
         .unwrap_err();

@@ -14,8 +14,8 @@ use reqwest::{
 };
 use serde::{Deserialize, Serialize};
 use tributary_sdk::{
-    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page,
-    PollRequest, Quarantined, Source, SourceError,
+    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
+    Quarantined, Source, SourceError,
     text::{html_to_text, tidy},
 };
 use url::Url;
@@ -68,23 +68,12 @@ struct RssCursor {
 }
 
 impl RssSource {
-    pub fn new(
-        instance: &str,
-        config: RssConfig,
-        http: HttpOptions,
-    ) -> Result<RssSource, BuildError> {
+    pub fn new(instance: &str, config: RssConfig, http: HttpOptions) -> Result<RssSource, BuildError> {
         if !matches!(config.url.scheme(), "http" | "https") {
             // The URL may carry a token: name the scheme only.
-            return Err(BuildError::InvalidUrl(format!(
-                "{}:...",
-                config.url.scheme()
-            )));
+            return Err(BuildError::InvalidUrl(format!("{}:...", config.url.scheme())));
         }
-        Ok(RssSource {
-            instance: instance.to_owned(),
-            http: HttpClient::new(http)?,
-            config,
-        })
+        Ok(RssSource { instance: instance.to_owned(), http: HttpClient::new(http)?, config })
     }
 
     async fn fetch(&self, validators: &RssCursor) -> Result<HttpResponse, SourceError> {
@@ -106,12 +95,7 @@ impl RssSource {
             .base_uri(Some(self.config.url.as_str()))
             .build()
             .parse(response.body.as_slice())
-            .map_err(|error| {
-                SourceError::Decode(format!(
-                    "{} is not a readable feed: {error}",
-                    response.target
-                ))
-            })
+            .map_err(|error| SourceError::Decode(format!("{} is not a readable feed: {error}", response.target)))
     }
 
     fn to_contribution(&self, feed: &Feed, entry: &Entry) -> Result<Contribution, String> {
@@ -148,9 +132,7 @@ impl RssSource {
             .or_else(|| entry.summary.as_ref().map(plain_text))
             .unwrap_or_default();
         let edited = match (entry.published, entry.updated) {
-            (Some(published), Some(updated)) => {
-                updated - published > Duration::seconds(EDIT_GRACE_SECONDS)
-            }
+            (Some(published), Some(updated)) => updated - published > Duration::seconds(EDIT_GRACE_SECONDS),
             _ => false,
         };
         Ok(Contribution {
@@ -160,22 +142,14 @@ impl RssSource {
             url,
             kind: Kind::Post,
             author: author(feed, entry),
-            title: entry
-                .title
-                .as_ref()
-                .map(plain_text)
-                .filter(|title| !title.is_empty()),
+            title: entry.title.as_ref().map(plain_text).filter(|title| !title.is_empty()),
             body,
             language: None,
             created_at,
             updated_at: entry.updated,
             parent_id: None,
             thread_id: None,
-            tags: entry
-                .categories
-                .iter()
-                .map(|category| category.term.clone())
-                .collect(),
+            tags: entry.categories.iter().map(|category| category.term.clone()).collect(),
             score: None,
             edited,
             deleted: false,
@@ -186,12 +160,7 @@ impl RssSource {
 
 /// Plain text of a feed text construct, HTML or not.
 fn plain_text(text: &Text) -> String {
-    if text
-        .content_type
-        .to_string()
-        .to_ascii_lowercase()
-        .contains("html")
-    {
+    if text.content_type.to_string().to_ascii_lowercase().contains("html") {
         html_to_text(&text.content)
     } else {
         tidy(&text.content)
@@ -203,15 +172,9 @@ fn plain_text(text: &Text) -> String {
 /// of a person named after the element.
 fn author(feed: &Feed, entry: &Entry) -> Author {
     let Some(person) = entry.authors.first().or(feed.authors.first()) else {
-        return Author {
-            id: "unknown".to_owned(),
-            ..Author::default()
-        };
+        return Author { id: "unknown".to_owned(), ..Author::default() };
     };
-    let is_rss = matches!(
-        feed.feed_type,
-        FeedType::RSS0 | FeedType::RSS1 | FeedType::RSS2
-    );
+    let is_rss = matches!(feed.feed_type, FeedType::RSS0 | FeedType::RSS1 | FeedType::RSS2);
     let (mut name, mut email) = (non_empty(&person.name), None);
     if let Some(raw) = person.email.as_deref() {
         let (address, name_in_email) = split_mailbox(raw);
@@ -230,13 +193,7 @@ fn author(feed: &Feed, entry: &Entry) -> Author {
         .or_else(|| uri.clone())
         .or_else(|| name.as_deref().map(str::to_lowercase))
         .unwrap_or_else(|| "unknown".to_owned());
-    Author {
-        id,
-        handle: name.clone(),
-        display_name: name,
-        email,
-        profile_url: uri,
-    }
+    Author { id, handle: name.clone(), display_name: name, email, profile_url: uri }
 }
 
 fn person_uri(person: &Person) -> Option<String> {
@@ -267,24 +224,13 @@ fn split_mailbox(raw: &str) -> (Option<String>, Option<String>) {
         && let Some(inner) = after.trim_end().strip_suffix('>')
         && is_address(inner)
     {
-        return (
-            Some(clean(inner)),
-            non_empty(before.trim().trim_matches('"')),
-        );
+        return (Some(clean(inner)), non_empty(before.trim().trim_matches('"')));
     }
-    if is_address(raw) {
-        (Some(clean(raw)), None)
-    } else {
-        (None, None)
-    }
+    if is_address(raw) { (Some(clean(raw)), None) } else { (None, None) }
 }
 
 fn header_string(response: &HttpResponse, name: reqwest::header::HeaderName) -> Option<String> {
-    response
-        .header(name.as_str())
-        .map(str::trim)
-        .filter(|value| !value.is_empty())
-        .map(str::to_owned)
+    response.header(name.as_str()).map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
 }
 
 /// 2xx goes on; 401/403 are refused credentials; anything else is an error.
@@ -292,15 +238,10 @@ fn check_status(response: &HttpResponse) -> Result<(), SourceError> {
     let status = response.status.as_u16();
     match status {
         200..=299 => Ok(()),
-        401 | 403 => Err(SourceError::Auth(format!(
-            "{} answered HTTP {status}: {}",
-            response.target,
-            response.body_snippet()
-        ))),
-        _ => Err(SourceError::Status {
-            status,
-            message: format!("{}: {}", response.target, response.body_snippet()),
-        }),
+        401 | 403 => {
+            Err(SourceError::Auth(format!("{} answered HTTP {status}: {}", response.target, response.body_snippet())))
+        }
+        _ => Err(SourceError::Status { status, message: format!("{}: {}", response.target, response.body_snippet()) }),
     }
 }
 
@@ -311,18 +252,11 @@ impl Source for RssSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let validators: RssCursor = request
-            .cursor
-            .as_ref()
-            .and_then(Cursor::to_json)
-            .unwrap_or_default();
+        let validators: RssCursor = request.cursor.as_ref().and_then(Cursor::to_json).unwrap_or_default();
         let response = self.fetch(&validators).await?;
         if response.status == StatusCode::NOT_MODIFIED {
             tracing::debug!(source = %self.instance, "feed not modified");
-            return Ok(Page {
-                next_cursor: request.cursor.clone(),
-                ..Page::default()
-            });
+            return Ok(Page { next_cursor: request.cursor.clone(), ..Page::default() });
         }
         check_status(&response)?;
         let feed = self.parse(&response)?;
@@ -341,10 +275,8 @@ impl Source for RssSource {
         if total > self.config.max_items_per_poll {
             tracing::debug!(source = %self.instance, total, kept = self.config.max_items_per_poll, "feed truncated");
         }
-        let next = RssCursor {
-            etag: header_string(&response, ETAG),
-            last_modified: header_string(&response, LAST_MODIFIED),
-        };
+        let next =
+            RssCursor { etag: header_string(&response, ETAG), last_modified: header_string(&response, LAST_MODIFIED) };
         tracing::debug!(
             source = %self.instance, entries = total,
             contributions = page.contributions.len(), quarantined = page.quarantined.len(),
@@ -383,15 +315,8 @@ impl<'a> From<&'a Entry> for RawEntry<'a> {
             links: entry.links.iter().map(|link| link.href.as_str()).collect(),
             published: entry.published,
             updated: entry.updated,
-            authors: entry
-                .authors
-                .iter()
-                .map(|person| person.name.as_str())
-                .collect(),
-            summary: entry
-                .summary
-                .as_ref()
-                .map(|summary| summary.content.as_str()),
+            authors: entry.authors.iter().map(|person| person.name.as_str()).collect(),
+            summary: entry.summary.as_ref().map(|summary| summary.content.as_str()),
         }
     }
 }
@@ -422,8 +347,7 @@ mod tests {
 
     fn source(server: &MockServer) -> RssSource {
         let config: RssConfig =
-            serde_json::from_value(serde_json::json!({ "url": format!("{}/feed", server.uri()) }))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({ "url": format!("{}/feed", server.uri()) })).unwrap();
         RssSource::new("news", config, options()).unwrap()
     }
 
@@ -436,11 +360,7 @@ mod tests {
     }
 
     async fn serve(server: &MockServer, response: ResponseTemplate) {
-        Mock::given(method("GET"))
-            .and(path("/feed"))
-            .respond_with(response)
-            .mount(server)
-            .await;
+        Mock::given(method("GET")).and(path("/feed")).respond_with(response).mount(server).await;
     }
 
     async fn poll_once(body: impl Into<Vec<u8>>, content_type: &str) -> Result<Page, SourceError> {
@@ -475,11 +395,7 @@ mod tests {
         assert_eq!(c.url.as_deref(), Some(expect.url), "{at}");
         assert_eq!(c.author.id, expect.author_id, "{at}");
         assert_eq!(c.author.handle.as_deref(), Some(expect.author_name), "{at}");
-        assert_eq!(
-            c.author.display_name.as_deref(),
-            Some(expect.author_name),
-            "{at}"
-        );
+        assert_eq!(c.author.display_name.as_deref(), Some(expect.author_name), "{at}");
         assert_eq!(c.author.profile_url.as_deref(), expect.profile_url, "{at}");
         // The podcast owner's itunes:email is not the entry author's.
         assert_eq!(c.author.email, None, "{at}");
@@ -489,16 +405,8 @@ mod tests {
         assert!(!c.edited && !c.deleted, "{at}");
         assert_eq!(c.tags, expect.tags, "{at}");
         assert!(c.body.starts_with(expect.body_starts), "{at}: {:?}", c.body);
-        assert!(
-            !c.body.contains('<') && !c.body.contains("&quot;"),
-            "{at}: {:?}",
-            c.body
-        );
-        assert_eq!(
-            (c.language.as_ref(), c.signals.as_ref(), c.score),
-            (None, None, None),
-            "{at}"
-        );
+        assert!(!c.body.contains('<') && !c.body.contains("&quot;"), "{at}: {:?}", c.body);
+        assert_eq!((c.language.as_ref(), c.signals.as_ref(), c.score), (None, None, None), "{at}");
     }
 
     #[tokio::test]
@@ -539,21 +447,11 @@ mod tests {
             let page = poll_once(Fixture::raw(file), content_type).await.unwrap();
             check(&page, expect);
             assert!(!page.has_more);
-            assert_eq!(
-                page.next_cursor
-                    .as_ref()
-                    .and_then(Cursor::to_json::<RssCursor>),
-                Some(RssCursor::default())
-            );
+            assert_eq!(page.next_cursor.as_ref().and_then(Cursor::to_json::<RssCursor>), Some(RssCursor::default()));
         }
-        let reddit = poll_once(Fixture::raw(REDDIT), "application/atom+xml")
-            .await
-            .unwrap();
+        let reddit = poll_once(Fixture::raw(REDDIT), "application/atom+xml").await.unwrap();
         let body = &reddit.contributions[0].body;
-        assert!(
-            body.contains("docs that haven't been written yet"),
-            "{body:?}"
-        );
+        assert!(body.contains("docs that haven't been written yet"), "{body:?}");
         assert!(body.contains("the \"Rust\" tag"), "{body:?}");
     }
 
@@ -567,10 +465,7 @@ mod tests {
             .and(header("If-None-Match", etag))
             // (wiremock's `header` splits values at commas, which dates have)
             .and(move |request: &wiremock::Request| {
-                request
-                    .headers
-                    .get("If-Modified-Since")
-                    .is_some_and(|value| value == last_modified)
+                request.headers.get("If-Modified-Since").is_some_and(|value| value == last_modified)
             })
             .respond_with(ResponseTemplate::new(304).insert_header("ETag", etag))
             .expect(1)
@@ -594,22 +489,11 @@ mod tests {
         let cursor = first.next_cursor.clone().unwrap();
         assert_eq!(
             cursor.to_json::<RssCursor>(),
-            Some(RssCursor {
-                etag: Some(etag.into()),
-                last_modified: Some(last_modified.into())
-            })
+            Some(RssCursor { etag: Some(etag.into()), last_modified: Some(last_modified.into()) })
         );
 
-        let second = source
-            .poll(&PollRequest {
-                cursor: Some(cursor.clone()),
-                since: None,
-            })
-            .await
-            .unwrap();
-        assert!(
-            second.contributions.is_empty() && second.quarantined.is_empty() && !second.has_more
-        );
+        let second = source.poll(&PollRequest { cursor: Some(cursor.clone()), since: None }).await.unwrap();
+        assert!(second.contributions.is_empty() && second.quarantined.is_empty() && !second.has_more);
         assert_eq!(second.next_cursor, Some(cursor));
     }
 
@@ -628,26 +512,16 @@ mod tests {
     async fn an_oversized_body_is_refused_without_panicking() {
         let huge = vec![b' '; 10 * 1024 * 1024];
         let error = poll_once(huge, "application/rss+xml").await.unwrap_err();
-        assert!(
-            matches!(error, SourceError::Http(HttpError::BodyTooLarge { .. })),
-            "{error:?}"
-        );
+        assert!(matches!(error, SourceError::Http(HttpError::BodyTooLarge { .. })), "{error:?}");
     }
 
     #[tokio::test]
     async fn refusals_map_to_auth_and_other_statuses_to_status() {
         for (status, is_auth) in [(403, true), (401, true), (410, false)] {
             let server = MockServer::start().await;
-            serve(
-                &server,
-                ResponseTemplate::new(status).set_body_string("go away"),
-            )
-            .await;
+            serve(&server, ResponseTemplate::new(status).set_body_string("go away")).await;
             let source = source(&server);
-            for error in [
-                source.poll(&PollRequest::default()).await.unwrap_err(),
-                source.check().await.unwrap_err(),
-            ] {
+            for error in [source.poll(&PollRequest::default()).await.unwrap_err(), source.check().await.unwrap_err()] {
                 match error {
                     SourceError::Auth(message) => {
                         assert!(is_auth && message.contains("go away"), "{status}")
@@ -675,18 +549,8 @@ mod tests {
                 Some("Melvyn Bragg"),
                 Some("editor@bbc.co.uk"),
             ),
-            (
-                "<author>Editor@BBC.co.uk</author>",
-                "editor@bbc.co.uk",
-                None,
-                Some("Editor@BBC.co.uk"),
-            ),
-            (
-                "<author>Melvyn Bragg</author>",
-                "melvyn bragg",
-                Some("Melvyn Bragg"),
-                None,
-            ),
+            ("<author>Editor@BBC.co.uk</author>", "editor@bbc.co.uk", None, Some("Editor@BBC.co.uk")),
+            ("<author>Melvyn Bragg</author>", "melvyn bragg", Some("Melvyn Bragg"), None),
             (
                 "<dc:creator xmlns:dc=\"http://purl.org/dc/elements/1.1/\">Melvyn Bragg</dc:creator>",
                 "melvyn bragg",
@@ -700,9 +564,7 @@ mod tests {
                  <category>History</category><category>Philosophy</category>{element}\
                  <description>&lt;p&gt;5 &amp;lt; 6 &lt;b&gt;bold&lt;/b&gt;&lt;/p&gt;</description></item>"
             );
-            let page = poll_once(bbc_with_item(&item), "application/rss+xml")
-                .await
-                .unwrap();
+            let page = poll_once(bbc_with_item(&item), "application/rss+xml").await.unwrap();
             assert_eq!(page.contributions.len(), 2, "{element}");
             let c = &page.contributions[1];
             assert_eq!(c.external_id, "urn:test:2");
@@ -722,35 +584,19 @@ mod tests {
         let item = "<item><title>Undated</title><guid>urn:test:undated</guid><link>http://example.com/u</link></item>";
         let mut feed = bbc_with_item(item);
         // With a feed date, the entry falls back to it.
-        let page = poll_once(feed.clone(), "application/rss+xml")
-            .await
-            .unwrap();
+        let page = poll_once(feed.clone(), "application/rss+xml").await.unwrap();
         assert_eq!(page.contributions.len(), 2);
-        assert_eq!(
-            page.contributions[1].created_at,
-            "2021-02-25T10:15:00Z".parse::<DateTime<Utc>>().unwrap()
-        );
+        assert_eq!(page.contributions[1].created_at, "2021-02-25T10:15:00Z".parse::<DateTime<Utc>>().unwrap());
 
         feed = feed.replacen("<pubDate>Thu, 25 Feb 2021 10:15:00 +0000</pubDate>", "", 1);
         let page = poll_once(feed, "application/rss+xml").await.unwrap();
         assert_eq!(page.contributions.len(), 1);
-        assert_eq!(
-            page.contributions[0].external_id,
-            "urn:bbc:podcast:m000sjxt"
-        );
+        assert_eq!(page.contributions[0].external_id, "urn:bbc:podcast:m000sjxt");
         assert_eq!(page.quarantined.len(), 1);
         let quarantined = &page.quarantined[0];
         assert_eq!(quarantined.external_id.as_deref(), Some("urn:test:undated"));
-        assert!(
-            quarantined.reason.contains("date"),
-            "{}",
-            quarantined.reason
-        );
-        assert!(
-            quarantined.raw.contains("http://example.com/u"),
-            "{}",
-            quarantined.raw
-        );
+        assert!(quarantined.reason.contains("date"), "{}", quarantined.reason);
+        assert!(quarantined.raw.contains("http://example.com/u"), "{}", quarantined.raw);
     }
 
     #[tokio::test]
@@ -763,10 +609,7 @@ mod tests {
         let page = poll_once(feed, "application/atom+xml").await.unwrap();
         let c = &page.contributions[0];
         assert!(c.edited);
-        assert_eq!(
-            c.created_at,
-            "2020-05-18T05:44:47Z".parse::<DateTime<Utc>>().unwrap()
-        );
+        assert_eq!(c.created_at, "2020-05-18T05:44:47Z".parse::<DateTime<Utc>>().unwrap());
         assert_eq!(c.updated_at, Some("2020-05-19T08:00:00Z".parse().unwrap()));
     }
 
@@ -774,43 +617,22 @@ mod tests {
     async fn only_max_items_per_poll_entries_are_taken() {
         let server = MockServer::start().await;
         let item = "<item><title>Second</title><guid>urn:test:2</guid><pubDate>Thu, 04 Mar 2021 10:15:00 +0000</pubDate></item>";
-        serve(
-            &server,
-            feed_response(bbc_with_item(item), "application/rss+xml"),
-        )
-        .await;
-        let config = RssConfig {
-            url: format!("{}/feed", server.uri()).parse().unwrap(),
-            max_items_per_poll: 1,
-        };
-        let page = RssSource::new("news", config, options())
-            .unwrap()
-            .poll(&PollRequest::default())
-            .await
-            .unwrap();
+        serve(&server, feed_response(bbc_with_item(item), "application/rss+xml")).await;
+        let config = RssConfig { url: format!("{}/feed", server.uri()).parse().unwrap(), max_items_per_poll: 1 };
+        let page = RssSource::new("news", config, options()).unwrap().poll(&PollRequest::default()).await.unwrap();
         assert_eq!(page.contributions.len(), 1);
-        assert_eq!(
-            page.contributions[0].external_id,
-            "urn:bbc:podcast:m000sjxt"
-        );
+        assert_eq!(page.contributions[0].external_id, "urn:bbc:podcast:m000sjxt");
     }
 
     #[test]
     fn config_has_defaults_and_rejects_unknown_fields() {
         let config: RssConfig =
-            serde_json::from_value(serde_json::json!({"url": "https://example.com/feed.xml"}))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({"url": "https://example.com/feed.xml"})).unwrap();
         assert_eq!(config.max_items_per_poll, 200);
         assert!(
-            serde_json::from_value::<RssConfig>(
-                serde_json::json!({"url": "https://e.com/", "type": "rss"})
-            )
-            .is_err()
+            serde_json::from_value::<RssConfig>(serde_json::json!({"url": "https://e.com/", "type": "rss"})).is_err()
         );
-        let ftp = RssConfig {
-            url: "ftp://example.com/feed?token=s3cr3t".parse().unwrap(),
-            max_items_per_poll: 1,
-        };
+        let ftp = RssConfig { url: "ftp://example.com/feed?token=s3cr3t".parse().unwrap(), max_items_per_poll: 1 };
         let error = RssSource::new("x", ftp, HttpOptions::default()).unwrap_err();
         assert!(!error.to_string().contains("s3cr3t"), "{error}");
     }
@@ -818,21 +640,9 @@ mod tests {
     #[test]
     fn mailboxes_split_into_email_and_name() {
         let cases = [
-            (
-                "jo@example.com (Jo Doe)",
-                Some("jo@example.com"),
-                Some("Jo Doe"),
-            ),
-            (
-                "Jo Doe <jo@example.com>",
-                Some("jo@example.com"),
-                Some("Jo Doe"),
-            ),
-            (
-                "\"Jo Doe\" <mailto:jo@example.com>",
-                Some("jo@example.com"),
-                Some("Jo Doe"),
-            ),
+            ("jo@example.com (Jo Doe)", Some("jo@example.com"), Some("Jo Doe")),
+            ("Jo Doe <jo@example.com>", Some("jo@example.com"), Some("Jo Doe")),
+            ("\"Jo Doe\" <mailto:jo@example.com>", Some("jo@example.com"), Some("Jo Doe")),
             ("jo@example.com", Some("jo@example.com"), None),
             ("Jo Doe", None, None),
             ("Jo (the editor)", None, None),
@@ -840,11 +650,7 @@ mod tests {
         ];
         for (raw, email, name) in cases {
             let (got_email, got_name) = split_mailbox(raw);
-            assert_eq!(
-                (got_email.as_deref(), got_name.as_deref()),
-                (email, name),
-                "{raw:?}"
-            );
+            assert_eq!((got_email.as_deref(), got_name.as_deref()), (email, name), "{raw:?}");
         }
     }
 }

@@ -17,7 +17,10 @@ use crate::{http::HttpError, model::Contribution};
 pub enum ContactLookup {
     Email(String),
     /// The handle kept in the contact's per-platform handle property.
-    Handle { platform: String, handle: String },
+    Handle {
+        platform: String,
+        handle: String,
+    },
 }
 
 /// Create or update the contact of one author.
@@ -117,17 +120,11 @@ pub trait Crm: Send + Sync {
     async fn find_contact(&self, lookup: &ContactLookup) -> Result<Option<String>, CrmError>;
 
     /// One outcome per input, in input order; `Done` carries the contact id.
-    async fn upsert_contacts(
-        &self,
-        contacts: &[ContactUpsert],
-    ) -> Result<Vec<RecordOutcome<String>>, CrmError>;
+    async fn upsert_contacts(&self, contacts: &[ContactUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError>;
 
     /// One outcome per input, in input order; `Done` carries the activity id.
     /// Each activity is associated with its contact.
-    async fn upsert_activities(
-        &self,
-        activities: &[ActivityUpsert],
-    ) -> Result<Vec<RecordOutcome<String>>, CrmError>;
+    async fn upsert_activities(&self, activities: &[ActivityUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError>;
 
     /// One outcome per input, in input order.
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError>;

@@ -100,10 +100,8 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HttpError> {
-        serde_json::from_slice(&self.body).map_err(|error| HttpError::Decode {
-            target: self.target.clone(),
-            message: error.to_string(),
-        })
+        serde_json::from_slice(&self.body)
+            .map_err(|error| HttpError::Decode { target: self.target.clone(), message: error.to_string() })
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -147,9 +145,7 @@ impl HttpClient {
             .gzip(true)
             .build()
             .map_err(|error| HttpError::Request(error.without_url().to_string()))?;
-        let limiter = options
-            .requests_per_second
-            .map(|rate| Arc::new(RateLimiter::direct(Quota::per_second(rate))));
+        let limiter = options.requests_per_second.map(|rate| Arc::new(RateLimiter::direct(Quota::per_second(rate))));
         Ok(HttpClient { inner, limiter, gate: Arc::new(Mutex::new(None)), options })
     }
 
@@ -295,10 +291,7 @@ impl HttpClient {
     fn note_rate_limit_headers(&self, headers: &HeaderMap) {
         const REMAINING: [&str; 4] =
             ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
-        let spent = REMAINING
-            .iter()
-            .filter_map(|name| header_f64(headers, name))
-            .any(|remaining| remaining < 1.0);
+        let spent = REMAINING.iter().filter_map(|name| header_f64(headers, name)).any(|remaining| remaining < 1.0);
         if spent && let Some(reset) = reset_wait(headers) {
             self.close_gate_for(reset.min(self.options.max_inline_wait));
         }
@@ -396,7 +389,11 @@ mod tests {
             .up_to_n_times(2)
             .mount(&server)
             .await;
-        Mock::given(method("GET")).and(path("/x")).respond_with(ResponseTemplate::new(200).set_body_string("ok")).mount(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/x"))
+            .respond_with(ResponseTemplate::new(200).set_body_string("ok"))
+            .mount(&server)
+            .await;
         let client = fast_client();
         let response = client.send(client.get(format!("{}/x", server.uri()))).await.unwrap();
         assert_eq!(response.status, 200);

@@ -16,10 +16,7 @@ pub mod text;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use crm::{
-    ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup,
-    SetupReport,
-};
+pub use crm::{ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup, SetupReport};
 pub use http::{HttpClient, HttpError, HttpOptions, HttpResponse};
 pub use model::{Author, Contribution, Intent, Kind, Signals};
 pub use secret::{SecretError, SecretRef};
