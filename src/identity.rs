@@ -56,6 +56,10 @@ pub async fn resolve(
     let mut unresolved: Vec<&Contribution> = Vec::new();
     for c in contributions {
         let identity = c.identity_key();
+        if c.author.id.trim().is_empty() {
+            by_identity.insert(identity, Resolution::Skip("the platform names no author".into()));
+            continue;
+        }
         if by_identity.contains_key(&identity) || unresolved.iter().any(|u| u.identity_key() == identity) {
             continue;
         }
@@ -146,4 +150,87 @@ pub async fn resolve(
                 .unwrap_or_else(|| Resolution::Rejected("author could not be resolved".into()))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use tributary_crm::file::{FileCrm, FileCrmConfig};
+    use tributary_sdk::{Author, ContactLookup};
+
+    use super::*;
+    use crate::state::SqliteStore;
+
+    fn by(platform: &str, id: &str, handle: &str, email: Option<&str>) -> Contribution {
+        let mut c = tributary_demo::DemoSource::new("s", Default::default()).contribution(0);
+        c.platform = platform.into();
+        c.author = Author {
+            id: id.into(),
+            handle: Some(handle.into()),
+            display_name: Some(handle.into()),
+            email: email.map(str::to_owned),
+            profile_url: None,
+        };
+        c
+    }
+
+    async fn check(mode: UnknownAuthors, contributions: &[Contribution], expected: &[&str]) -> (FileCrm, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let crm = FileCrm::new(FileCrmConfig { path: dir.path().join("crm.json") }).unwrap();
+        // Known to the CRM beforehand: ada by e-mail, and bo's forum handle.
+        let known = [
+            ContactUpsert {
+                identity: "crm:1".into(),
+                email: Some("ada@example.com".into()),
+                platform: "crm".into(),
+                handle: None,
+                display_name: None,
+                profile_url: None,
+            },
+            ContactUpsert {
+                identity: "crm:2".into(),
+                email: None,
+                platform: "forum".into(),
+                handle: Some("bo".into()),
+                display_name: None,
+                profile_url: None,
+            },
+        ];
+        crm.upsert_contacts(&known).await.unwrap();
+        let refs: Vec<&Contribution> = contributions.iter().collect();
+        let got = resolve(&store, &crm, mode, &refs).await.unwrap();
+        let got: Vec<String> = got
+            .iter()
+            .map(|r| match r {
+                Resolution::Contact(id) => format!("contact {id}"),
+                Resolution::Skip(_) => "skip".into(),
+                Resolution::Rejected(message) => format!("rejected {message}"),
+            })
+            .collect();
+        assert_eq!(got, expected);
+        (crm, store)
+    }
+
+    #[tokio::test]
+    async fn resolution_goes_link_email_handle_then_create_or_skip() {
+        let contributions = [
+            by("support", "s1", "ada", Some("ADA@example.com")), // e-mail, case-insensitive
+            by("forum", "f2", "bo", None),                       // handle property
+            by("forum", "f3", "cy", None),                       // unknown
+            by("forum", "f3", "cy", None),                       // the same author again
+            by("rss", "", "", None),                             // no author at all
+        ];
+        let (crm, store) = check(
+            UnknownAuthors::Create,
+            &contributions,
+            &["contact 1", "contact 2", "contact 3", "contact 3", "skip"],
+        )
+        .await;
+        assert_eq!(store.identity("forum:f3").await.unwrap().as_deref(), Some("3"), "the link is kept");
+        let found =
+            crm.find_contact(&ContactLookup::Handle { platform: "forum".into(), handle: "cy".into() }).await.unwrap();
+        assert_eq!(found.as_deref(), Some("3"), "a created contact carries the handle");
+
+        check(UnknownAuthors::Skip, &contributions, &["contact 1", "contact 2", "skip", "skip", "skip"]).await;
+    }
 }

@@ -90,6 +90,13 @@ const MIGRATIONS: &[&str] = &[
         newest_item_at INTEGER
     );
     ",
+    // 2: a malformed item seen again (a rescanned page) is kept once, with
+    // the time it was last seen.
+    "
+    ALTER TABLE quarantine ADD COLUMN fingerprint TEXT;
+    UPDATE quarantine SET fingerprint = 'legacy-' || id;
+    CREATE UNIQUE INDEX quarantine_once ON quarantine (source, fingerprint);
+    ",
 ];
 
 fn now_ms() -> i64 {
@@ -231,9 +238,16 @@ impl StateStore for SqliteStore {
                 }
             }
             for item in &quarantined {
+                let fingerprint = tributary_sdk::model::short_hash(&format!(
+                    "{}\u{0}{}\u{0}{}",
+                    item.external_id.as_deref().unwrap_or(""),
+                    item.reason,
+                    item.raw
+                ));
                 tx.execute(
-                    "INSERT INTO quarantine (source, external_id, reason, raw, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![source, item.external_id, item.reason, item.raw, now],
+                    "INSERT INTO quarantine (source, external_id, reason, raw, at, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (source, fingerprint) DO UPDATE SET at = excluded.at",
+                    params![source, item.external_id, item.reason, item.raw, now, fingerprint],
                 )?;
                 stats.quarantined += 1;
             }

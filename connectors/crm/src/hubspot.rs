@@ -185,6 +185,16 @@ impl HubSpotCrm {
             Err(HttpError::Status { target, status, attempts, body }) => {
                 return Err(CrmError::Http(HttpError::Status { target, status, attempts, body: self.scrub(&body) }));
             }
+            // The shared client gave up on a 429: its body says which limit.
+            Err(HttpError::RateLimited { target, retry_after, body }) => {
+                if serde_json::from_str::<Value>(&body).is_ok_and(|b| b["policyName"] == "DAILY") {
+                    let until =
+                        Utc::now() + chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::hours(1));
+                    self.close_for_the_day(until.max(next_midnight_utc(Utc::now())));
+                    return Err(self.check_daily_quota().err().unwrap_or(CrmError::RateLimited { retry_after }));
+                }
+                return Err(CrmError::Http(HttpError::RateLimited { target, retry_after, body: self.scrub(&body) }));
+            }
             Err(error) => return Err(CrmError::Http(error)),
         };
         self.note_daily_quota(&response);

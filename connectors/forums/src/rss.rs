@@ -172,7 +172,8 @@ fn plain_text(text: &Text) -> String {
 /// of a person named after the element.
 fn author(feed: &Feed, entry: &Entry) -> Author {
     let Some(person) = entry.authors.first().or(feed.authors.first()) else {
-        return Author { id: "unknown".to_owned(), ..Author::default() };
+        // No author at all: an empty id, which the daemon attaches to no contact.
+        return Author::default();
     };
     let is_rss = matches!(feed.feed_type, FeedType::RSS0 | FeedType::RSS1 | FeedType::RSS2);
     let (mut name, mut email) = (non_empty(&person.name), None);
@@ -192,7 +193,7 @@ fn author(feed: &Feed, entry: &Entry) -> Author {
         .map(str::to_lowercase)
         .or_else(|| uri.clone())
         .or_else(|| name.as_deref().map(str::to_lowercase))
-        .unwrap_or_else(|| "unknown".to_owned());
+        .unwrap_or_default();
     Author { id, handle: name.clone(), display_name: name, email, profile_url: uri }
 }
 

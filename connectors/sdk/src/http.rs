@@ -64,8 +64,11 @@ pub enum HttpError {
     Timeout { target: String },
     #[error("cannot reach {target}: {message}")]
     Connect { target: String, message: String },
+    /// `body` is the start of the 429's body (empty when no request was
+    /// sent because the gate was closed), for CRMs that say there which
+    /// limit was hit.
     #[error("{target} is rate limiting us; retry in {retry_after:?}")]
-    RateLimited { target: String, retry_after: Duration },
+    RateLimited { target: String, retry_after: Duration, body: String },
     #[error("{target} answered HTTP {status} after {attempts} attempt(s): {body}")]
     Status { target: String, status: u16, attempts: u32, body: String },
     #[error("{target} sent a body larger than {limit} bytes")]
@@ -178,7 +181,7 @@ impl HttpClient {
             if let Some(remaining) = self.gate_remaining()
                 && remaining > self.options.max_inline_wait
             {
-                return Err(HttpError::RateLimited { target, retry_after: remaining });
+                return Err(HttpError::RateLimited { target, retry_after: remaining, body: String::new() });
             }
             self.wait_for_gate().await;
             if let Some(limiter) = &self.limiter {
@@ -208,13 +211,13 @@ impl HttpClient {
                     if let Some(wait) = server_wait {
                         self.close_gate_for(wait);
                         if wait > self.options.max_inline_wait {
-                            return Err(HttpError::RateLimited { target, retry_after: wait });
+                            return Err(HttpError::RateLimited { target, retry_after: wait, body: snippet(&body) });
                         }
                     }
                     if attempt > self.options.max_retries {
                         if status == StatusCode::TOO_MANY_REQUESTS {
                             let retry_after = server_wait.unwrap_or(self.backoff(attempt));
-                            return Err(HttpError::RateLimited { target, retry_after });
+                            return Err(HttpError::RateLimited { target, retry_after, body: snippet(&body) });
                         }
                         return Err(HttpError::Status {
                             target,
@@ -292,7 +295,10 @@ impl HttpClient {
         const REMAINING: [&str; 4] =
             ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
         let spent = REMAINING.iter().filter_map(|name| header_f64(headers, name)).any(|remaining| remaining < 1.0);
-        if spent && let Some(reset) = reset_wait(headers) {
+        // HubSpot names no reset time, only its rolling window.
+        let window = header_f64(headers, "x-hubspot-ratelimit-interval-milliseconds")
+            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+        if spent && let Some(reset) = reset_wait(headers).or(window) {
             self.close_gate_for(reset.min(self.options.max_inline_wait));
         }
     }

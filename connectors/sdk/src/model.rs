@@ -61,7 +61,8 @@ impl Intent {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Author {
     /// The platform's stable user id (falls back to the handle where the
-    /// platform has no ids).
+    /// platform has no ids). Empty when the platform names no author: such
+    /// a contribution is attached to no contact.
     pub id: String,
     pub handle: Option<String>,
     pub display_name: Option<String>,

@@ -730,13 +730,16 @@ impl Store {
         self.properties.get(object_type)?.get(name)
     }
 
-    /// Whether `name` can serve as an upsert/update `idProperty`.
+    /// Whether `name` holds unique values (e-mail, or `hasUniqueValue`).
     fn is_unique(&self, object_type: &str, name: &str) -> bool {
         (object_type == CONTACTS && name == "email")
-            || self
-                .property_def(object_type, name)
-                .and_then(|def| def["hasUniqueValue"].as_bool())
-                .unwrap_or(self.lenient)
+            || self.property_def(object_type, name).and_then(|def| def["hasUniqueValue"].as_bool()).unwrap_or(false)
+    }
+
+    /// Whether `name` can serve as an upsert/update `idProperty`; in lenient
+    /// mode any property never created can.
+    fn can_be_id_property(&self, object_type: &str, name: &str) -> bool {
+        self.is_unique(object_type, name) || (self.lenient && self.property_def(object_type, name).is_none())
     }
 
     /// The object whose `property` is `value`: e-mail and search-like
@@ -884,6 +887,7 @@ impl Store {
         }
         struct Planned {
             target: Option<u64>,
+            id_property: String,
             properties: BTreeMap<String, String>,
             key: Option<String>,
             trace: Option<String>,
@@ -904,7 +908,7 @@ impl Store {
                 )
                 .with_context(json!({ "ids": [id] }));
             }
-            if id_property != "hs_object_id" && !self.is_unique(object_type, &id_property) {
+            if id_property != "hs_object_id" && !self.can_be_id_property(object_type, &id_property) {
                 return Reply::error(
                     400,
                     "VALIDATION_ERROR",
@@ -941,6 +945,7 @@ impl Store {
             }
             planned.push(Planned {
                 target,
+                id_property: id_property.clone(),
                 properties,
                 key: (id_property != "hs_object_id").then_some(id),
                 trace: input["objectWriteTraceId"].as_str().map(str::to_owned),
@@ -952,7 +957,8 @@ impl Store {
             // New objects have no id yet: stand-ins that cannot clash with ids.
             let owner = plan.target.unwrap_or(u64::MAX - index as u64);
             for (name, value) in &plan.properties {
-                if value.is_empty() || !self.is_unique(object_type, name) {
+                let unique_here = self.is_unique(object_type, name) || (self.lenient && name == &plan.id_property);
+                if value.is_empty() || !unique_here {
                     continue;
                 }
                 let value_key = if name == "email" { value.to_lowercase() } else { value.clone() };

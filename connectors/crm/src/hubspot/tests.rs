@@ -530,3 +530,18 @@ async fn the_mock_reports_bodies_that_break_the_spec() {
     assert_eq!(violations[0].direction, Direction::Request);
     assert!(violations[0].problems.iter().any(|p| p.contains("$.inputs[0].properties.n")), "{violations:?}");
 }
+
+#[tokio::test]
+async fn a_daily_429_closes_the_sink_until_the_quota_resets() {
+    let h = harness().await;
+    let id = one_contact(&h).await;
+    // More 429s than the client retries: the last one's body names DAILY.
+    h.hubspot.fail_next(10, Fault::RateLimited { retry_after_secs: None, policy: RateLimitPolicy::Daily });
+    let error = h.crm.upsert_activities(&[activity(&id, contribution("d1", "t", "b"))]).await.unwrap_err();
+    let wait = error.retry_after().expect("a wait");
+    assert!(wait > Duration::from_secs(60), "DAILY waits for the reset, not {wait:?}");
+    let sent = h.hubspot.requests().len();
+    let again = h.crm.upsert_activities(&[activity(&id, contribution("d2", "t", "b"))]).await.unwrap_err();
+    assert!(matches!(again, CrmError::RateLimited { .. }), "{again:?}");
+    assert_eq!(h.hubspot.requests().len(), sent, "a request was sent while the daily quota is spent");
+}
