@@ -230,6 +230,7 @@ const SOURCE_TYPES: &[&str] = &[
 impl SourceKind {
     /// The platforms written on this source's contributions.
     pub fn platforms(&self) -> Vec<&'static str> {
+        #[allow(unreachable_patterns)] // in builds with the demo source only
         match self {
             SourceKind::Demo(_) => tributary_demo::PLATFORMS.to_vec(),
             other => vec![other.platform()],
@@ -291,6 +292,18 @@ impl Schedule {
         match self {
             Schedule::Every(every) => now + chrono::Duration::from_std(*every).unwrap_or(chrono::Duration::MAX),
             Schedule::Cron(cron) => cron.after(&now).next().unwrap_or(DateTime::<Utc>::MAX_UTC),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::Every(every) if every.as_secs() % 3600 == 0 => write!(f, "every {}h", every.as_secs() / 3600),
+            Schedule::Every(every) if every.as_secs() % 60 == 0 => write!(f, "every {}m", every.as_secs() / 60),
+            Schedule::Every(every) if every.subsec_millis() == 0 => write!(f, "every {}s", every.as_secs()),
+            Schedule::Every(every) => write!(f, "every {}ms", every.as_millis()),
+            Schedule::Cron(cron) => write!(f, "{}", cron.source()),
         }
     }
 }

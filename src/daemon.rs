@@ -104,22 +104,11 @@ impl Generation {
         health.set_sources(
             sources
                 .iter()
-                .map(|s| {
-                    let schedule =
-                        config.sources.get(&s.name).map(|_| schedule_text(config, &s.name)).unwrap_or_default();
-                    (s.name.clone(), (s.source.platform().to_owned(), schedule))
-                })
+                .map(|s| (s.name.clone(), (s.source.platform().to_owned(), s.config.common.schedule.to_string())))
                 .collect::<BTreeMap<_, _>>(),
         );
         for built in sources {
-            tasks.spawn(scheduler::run_source(
-                built,
-                store.clone(),
-                owner.to_owned(),
-                wake.clone(),
-                health.clone(),
-                cancel.clone(),
-            ));
+            tasks.spawn(scheduler::run_source(built, store.clone(), owner.to_owned(), wake.clone(), cancel.clone()));
         }
         let worker = Worker {
             store: store.clone(),
@@ -141,15 +130,6 @@ impl Generation {
             tracing::warn!(?timeout, "tasks still busy after the shutdown timeout; aborting them");
             self.tasks.abort_all();
         }
-    }
-}
-
-fn schedule_text(config: &Config, name: &str) -> String {
-    // The text as written is not kept; describe the parsed schedule.
-    match config.sources.get(name).map(|s| &s.common.schedule) {
-        Some(crate::config::Schedule::Every(every)) => format!("every {}s", every.as_secs()),
-        Some(crate::config::Schedule::Cron(cron)) => cron.to_string(),
-        None => String::new(),
     }
 }
 

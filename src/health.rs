@@ -65,8 +65,6 @@ impl Health {
         crm.checked_at = Some(Utc::now());
     }
 
-    pub fn poll_finished(&self, _source: &str) {}
-
     fn crm(&self) -> CrmHealth {
         self.crm.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

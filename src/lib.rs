@@ -2,6 +2,9 @@
 //! company's CRM. This crate is the daemon's wiring and knows no platform:
 //! connectors live in `connectors/`.
 
+#[cfg(not(any(feature = "hubspot", feature = "file")))]
+compile_error!("build with at least one CRM feature: `hubspot` or `file`");
+
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+#[allow(unused_imports)] // unused in builds without any HTTP connector
 use anyhow::Context;
 use tributary_sdk::{Crm, HttpOptions, Source};
 
@@ -19,6 +20,7 @@ fn user_agent() -> String {
     concat!("tributary/", env!("CARGO_PKG_VERSION"), " (+community-to-CRM sync)").to_owned()
 }
 
+#[cfg_attr(not(any(feature = "discourse", feature = "rss")), allow(unused_variables))]
 pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn Source>> {
     let http = HttpOptions {
         user_agent: user_agent(),
@@ -26,7 +28,6 @@ pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn
         requests_per_second: config.common.requests_per_second,
         ..HttpOptions::default()
     };
-    let _ = &http;
     let source: Arc<dyn Source> = match &config.kind {
         #[cfg(feature = "discourse")]
         SourceKind::Discourse(c) => Arc::new(
@@ -54,6 +55,7 @@ pub fn build_sources(config: &Config) -> anyhow::Result<Vec<BuiltSource>> {
         .collect()
 }
 
+#[cfg_attr(not(feature = "hubspot"), allow(unused_variables))]
 pub fn build_crm(config: &CrmConfig) -> anyhow::Result<Arc<dyn Crm>> {
     let http = HttpOptions {
         user_agent: user_agent(),
@@ -61,7 +63,6 @@ pub fn build_crm(config: &CrmConfig) -> anyhow::Result<Arc<dyn Crm>> {
         requests_per_second: config.common.requests_per_second,
         ..HttpOptions::default()
     };
-    let _ = &http;
     let crm: Arc<dyn Crm> = match &config.kind {
         #[cfg(feature = "hubspot")]
         CrmKind::Hubspot(c) => {

@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    health::Health,
     pipeline::{self, PollError},
     registry::BuiltSource,
     state::StateStore,
@@ -22,7 +21,6 @@ pub async fn run_source(
     store: Arc<dyn StateStore>,
     owner: String,
     wake_delivery: Arc<Notify>,
-    health: Arc<Health>,
     shutdown: CancellationToken,
 ) {
     let span = tracing::info_span!("source", source = %built.name, platform = built.source.platform());
@@ -68,7 +66,6 @@ pub async fn run_source(
                     }
                 }
             }
-            health.poll_finished(&built.name);
 
             let now = Utc::now();
             let next = built.config.common.schedule.next_after(now);

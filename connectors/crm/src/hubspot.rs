@@ -186,11 +186,17 @@ impl HubSpotCrm {
                 return Err(CrmError::Http(HttpError::Status { target, status, attempts, body: self.scrub(&body) }));
             }
             // The shared client gave up on a 429: its body says which limit.
+            // A DAILY quota resets at midnight, unless the server named a
+            // wait itself (longer than any backoff of the client's).
             Err(HttpError::RateLimited { target, retry_after, body }) => {
                 if serde_json::from_str::<Value>(&body).is_ok_and(|b| b["policyName"] == "DAILY") {
-                    let until =
-                        Utc::now() + chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::hours(1));
-                    self.close_for_the_day(until.max(next_midnight_utc(Utc::now())));
+                    let now = Utc::now();
+                    let until = if retry_after >= self.http.options().max_inline_wait {
+                        now + chrono::Duration::from_std(retry_after).unwrap_or(chrono::Duration::hours(1))
+                    } else {
+                        next_midnight_utc(now)
+                    };
+                    self.close_for_the_day(until);
                     return Err(self.check_daily_quota().err().unwrap_or(CrmError::RateLimited { retry_after }));
                 }
                 return Err(CrmError::Http(HttpError::RateLimited { target, retry_after, body: self.scrub(&body) }));
