@@ -162,7 +162,7 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
         server_stop.clone(),
     ));
     let mut generation = Generation::start(&config, &store, &health, &owner)?;
-    let watchdog = tokio::spawn(shutdown::watchdog(server_stop.clone()));
+    let watchdog = tokio::spawn(shutdown::watchdog(store.clone(), server_stop.clone()));
     tracing::info!(listen = %config.daemon.listen, sources = config.sources.len(), crm = config.crm.kind_name(), "tributary running");
     shutdown::ready();
 
@@ -260,7 +260,9 @@ async fn sync(
         bail!("no source named `{name}` (configured: {})", known.join(", "));
     };
     let source = registry::build_source(name, source_config)?;
-    let since = since.or(source_config.common.since.map(|s| s.0));
+    // `--since` is a backfill that ignores the cursor; the config's `since`
+    // only bounds a first poll.
+    let start = pipeline::Start { since: since.or(source_config.common.since.map(|s| s.0)), fresh: since.is_some() };
     let progress = indicatif::ProgressBar::new_spinner();
     progress.set_style(
         indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
@@ -271,11 +273,11 @@ async fn sync(
     if dry_run {
         // Start where the daemon would, store nothing, print what would go out.
         let store = open_store(config)?;
-        let mut cursor = if since.is_some() { None } else { store.cursor(name).await? };
+        let mut cursor = if start.fresh { None } else { store.cursor(name).await? };
         let mut stdout = std::io::stdout().lock();
         let mut count = 0u64;
         loop {
-            let page = source.poll(&PollRequest { cursor: cursor.clone(), since }).await?;
+            let page = source.poll(&PollRequest { cursor: cursor.clone(), since: start.since }).await?;
             for contribution in page.contributions {
                 let contribution = pipeline::normalize(name, contribution);
                 serde_json::to_writer(&mut stdout, &contribution)?;
@@ -311,7 +313,7 @@ async fn sync(
         })
     };
     let mut seen = 0u64;
-    let stats = pipeline::poll_source(&*store, name, &source, since, &owner, &cancel, |commit| {
+    let stats = pipeline::poll_source(&*store, name, &source, start, &owner, &cancel, |commit| {
         seen += commit.new + commit.updated + commit.unchanged + commit.quarantined;
         progress.set_message(format!("{seen} item(s) fetched"));
     })

@@ -30,6 +30,16 @@ pub enum PollError {
     State(#[from] crate::state::StateError),
 }
 
+/// Where a poll starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    /// Do not go back further than this (on a first poll, or with `fresh`).
+    pub since: Option<DateTime<Utc>>,
+    /// Ignore the stored cursor: a backfill from `since` (`sync --since`).
+    /// The pass stores its own cursor as it goes, like any other.
+    pub fresh: bool,
+}
+
 /// Stamps the source name, then enriches.
 pub fn normalize(source_name: &str, mut contribution: Contribution) -> Contribution {
     contribution.source = source_name.to_owned();
@@ -44,7 +54,7 @@ pub async fn poll_source(
     store: &dyn StateStore,
     name: &str,
     source: &Arc<dyn Source>,
-    since: Option<DateTime<Utc>>,
+    start: Start,
     owner: &str,
     shutdown: &CancellationToken,
     mut on_page: impl FnMut(&CommitStats),
@@ -55,7 +65,7 @@ pub async fn poll_source(
     if !store.acquire_lease(&lease_name, owner, lease_ttl).await? {
         return Err(PollError::Busy);
     }
-    let outcome = poll_pages(store, name, source, since, owner, &lease_name, lease_ttl, shutdown, &mut on_page).await;
+    let outcome = poll_pages(store, name, source, start, owner, &lease_name, lease_ttl, shutdown, &mut on_page).await;
     if let Err(error) = store.release_lease(&lease_name, owner).await {
         tracing::warn!(error = %error, "cannot release the source lease; it expires by itself");
     }
@@ -67,7 +77,7 @@ async fn poll_pages(
     store: &dyn StateStore,
     name: &str,
     source: &Arc<dyn Source>,
-    since: Option<DateTime<Utc>>,
+    start: Start,
     owner: &str,
     lease_name: &str,
     lease_ttl: Duration,
@@ -75,9 +85,9 @@ async fn poll_pages(
     on_page: &mut impl FnMut(&CommitStats),
 ) -> Result<PollStats, PollError> {
     let mut stats = PollStats::default();
-    let mut cursor = store.cursor(name).await?;
+    let mut cursor = if start.fresh { None } else { store.cursor(name).await? };
     loop {
-        let request = PollRequest { cursor: cursor.clone(), since };
+        let request = PollRequest { cursor: cursor.clone(), since: start.since };
         let page = source.poll(&request).await?;
         let contributions: Vec<Contribution> = page.contributions.into_iter().map(|c| normalize(name, c)).collect();
         for item in &page.quarantined {

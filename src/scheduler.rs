@@ -25,13 +25,13 @@ pub async fn run_source(
 ) {
     let span = tracing::info_span!("source", source = %built.name, platform = built.source.platform());
     async move {
-        let since = built.config.common.since.map(|s| s.0);
+        let start = pipeline::Start { since: built.config.common.since.map(|s| s.0), fresh: false };
         loop {
             let started = std::time::Instant::now();
             // A poll in flight finishes its current page: commit_page is one
             // transaction, and the poll checks `shutdown` between pages.
             let outcome =
-                pipeline::poll_source(&*store, &built.name, &built.source, since, &owner, &shutdown, |_| {}).await;
+                pipeline::poll_source(&*store, &built.name, &built.source, start, &owner, &shutdown, |_| {}).await;
             let elapsed = started.elapsed();
             metrics::histogram!("tributary_poll_duration_seconds", "source" => built.name.clone())
                 .record(elapsed.as_secs_f64());

@@ -62,15 +62,21 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 }
 
-/// Pings the systemd watchdog at half its interval until `shutdown`.
-pub async fn watchdog(shutdown: CancellationToken) {
+/// Pings the systemd watchdog at half its interval until `shutdown`, as
+/// long as the state store answers: a wedged store stops the pings and
+/// systemd restarts the service.
+pub async fn watchdog(store: std::sync::Arc<dyn crate::state::StateStore>, shutdown: CancellationToken) {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return;
     }
     let every = Duration::from_micros(usec / 2);
     loop {
-        notify(&[NotifyState::Watchdog]);
+        match tokio::time::timeout(every, store.ping()).await {
+            Ok(Ok(())) => notify(&[NotifyState::Watchdog]),
+            Ok(Err(error)) => tracing::error!(error = %error, "state store unreachable; watchdog not pinged"),
+            Err(_) => tracing::error!("state store too slow; watchdog not pinged"),
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}

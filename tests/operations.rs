@@ -82,6 +82,13 @@ async fn sync_since_goes_back_no_further_than_the_date() {
     let hubspot = MockHubSpot::start_with_token(TOKEN).await;
     hubspot.accept_unknown_properties(true);
     let setup = setup(&forum, &hubspot);
+    // Without the rescan, only the cursor decides what a later pass sees.
+    let config = std::fs::read_to_string(setup.path("config.toml")).unwrap();
+    std::fs::write(
+        setup.path("config.toml"),
+        config.replace("schedule = \"every 2m\"", "schedule = \"every 2m\"\nrescan_latest = false"),
+    )
+    .unwrap();
     // The recorded posts run from 2019-10-09 to 2019-10-23.
     let posts = Fixture::load("discourse", "posts_latest").body;
     let since = "2019-10-22T00:00:00Z";
@@ -91,6 +98,11 @@ async fn sync_since_goes_back_no_further_than_the_date() {
     let sync = setup.run(&["sync", "forum", "--since", since], &[("TEST_HUBSPOT_TOKEN", TOKEN)]);
     assert!(sync.status.success(), "{}", stderr(&sync));
     assert_eq!(hubspot.notes().len(), expected, "{}", String::from_utf8_lossy(&sync.stdout));
+
+    // A later backfill goes further back, past the stored cursor.
+    let backfill = setup.run(&["sync", "forum", "--since", "2019-01-01"], &[("TEST_HUBSPOT_TOKEN", TOKEN)]);
+    assert!(backfill.status.success(), "{}", stderr(&backfill));
+    assert_eq!(hubspot.notes().len(), 12, "{}", String::from_utf8_lossy(&backfill.stdout));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
