@@ -66,6 +66,10 @@ pub struct DaemonConfig {
     /// How long a shutdown waits for in-flight work before giving up.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// Delivered outbox rows and quarantined items older than this are
+    /// deleted (hourly); what was delivered is still never sent again.
+    #[serde(default = "default_retention")]
+    pub retention: HumanDuration,
 }
 
 fn default_state() -> String {
@@ -89,6 +93,9 @@ fn default_delivery_interval() -> HumanDuration {
 fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 86_400))
+}
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -101,6 +108,7 @@ impl Default for DaemonConfig {
             failure_threshold: default_failure_threshold(),
             delivery_interval: default_delivery_interval(),
             shutdown_timeout: default_shutdown_timeout(),
+            retention: default_retention(),
         }
     }
 }

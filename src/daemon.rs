@@ -61,6 +61,7 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
         batch_size: config.daemon.batch_size.clamp(1, 100),
         max_attempts: config.daemon.max_attempts.max(1),
         unknown_authors: config.crm.common.unknown_authors,
+        retention: config.daemon.retention.0,
         ..DeliverySettings::default()
     }
 }

@@ -30,6 +30,8 @@ pub struct DeliverySettings {
     /// First retry delay; doubles per attempt up to `max_backoff`.
     pub base_backoff: Duration,
     pub max_backoff: Duration,
+    /// Finished outbox rows older than this are pruned, once an hour.
+    pub retention: Duration,
 }
 
 impl Default for DeliverySettings {
@@ -41,6 +43,7 @@ impl Default for DeliverySettings {
             lease: Duration::from_secs(300),
             base_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(3600),
+            retention: Duration::from_secs(30 * 86_400),
         }
     }
 }
@@ -70,10 +73,21 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>, interval: Duration) {
         let span = tracing::info_span!("delivery", crm = self.crm.kind());
         async move {
+            let mut pruned_at: Option<std::time::Instant> = None;
             loop {
                 match self.drain(&shutdown).await {
                     Ok(_) => {}
                     Err(error) => tracing::error!(error = %error, "delivery failed; trying again later"),
+                }
+                if pruned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+                    pruned_at = Some(std::time::Instant::now());
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::days(30));
+                    match self.store.prune(cutoff).await {
+                        Ok(0) => {}
+                        Ok(rows) => tracing::info!(rows, "pruned finished outbox rows past retention"),
+                        Err(error) => tracing::warn!(error = %error, "pruning failed"),
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,

@@ -152,6 +152,10 @@ pub trait StateStore: Send + Sync {
     /// Takes or renews the named lease; false when another owner holds it.
     async fn acquire_lease(&self, name: &str, owner: &str, ttl: Duration) -> Result<bool, StateError>;
     async fn release_lease(&self, name: &str, owner: &str) -> Result<(), StateError>;
+    /// Deletes delivered and skipped outbox rows, and quarantined items,
+    /// finished before `older_than`; the ledger and the activity index stay,
+    /// so nothing pruned is ever sent again. Returns how many rows went.
+    async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, StateError>;
     /// Every owner holding a lease or a claimed outbox row.
     async fn owners(&self) -> Result<Vec<String>, StateError>;
     /// Frees everything `owner` holds (a process known to be dead); returns how much.

@@ -97,6 +97,14 @@ const MIGRATIONS: &[&str] = &[
     UPDATE quarantine SET fingerprint = 'legacy-' || id;
     CREATE UNIQUE INDEX quarantine_once ON quarantine (source, fingerprint);
     ",
+    // 3: activities know their source, so delivered counts survive the
+    // pruning of old outbox rows.
+    "
+    ALTER TABLE activities ADD COLUMN source TEXT;
+    UPDATE activities SET source = (SELECT source FROM ledger WHERE ledger.key = activities.key);
+    CREATE INDEX activities_by_source ON activities (source);
+    CREATE INDEX outbox_finished ON outbox (status, finished_at);
+    ",
 ];
 
 fn now_ms() -> i64 {
@@ -338,11 +346,11 @@ impl StateStore for SqliteStore {
                         }
                         let c = &item.contribution;
                         tx.execute(
-                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent, source)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                              ON CONFLICT (key) DO UPDATE SET contact_id = excluded.contact_id, activity_id = excluded.activity_id,
                                platform = excluded.platform, created_at = excluded.created_at,
-                               sentiment = excluded.sentiment, intent = excluded.intent",
+                               sentiment = excluded.sentiment, intent = excluded.intent, source = excluded.source",
                             params![
                                 c.key(),
                                 contact_id,
@@ -351,6 +359,7 @@ impl StateStore for SqliteStore {
                                 c.created_at.timestamp_millis(),
                                 c.signals.as_ref().map(|s| s.sentiment),
                                 c.signals.as_ref().map(|s| s.intent.as_str()),
+                                c.source,
                             ],
                         )?;
                         tx.execute(
@@ -560,6 +569,21 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, StateError> {
+        let cutoff = older_than.timestamp_millis();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            let rows = tx.execute(
+                "DELETE FROM outbox WHERE status IN ('delivered', 'skipped') AND finished_at < ?1",
+                [cutoff],
+            )?;
+            let quarantined = tx.execute("DELETE FROM quarantine WHERE at < ?1", [cutoff])?;
+            tx.commit()?;
+            Ok((rows + quarantined) as u64)
+        })
+        .await
+    }
+
     async fn owners(&self) -> Result<Vec<String>, StateError> {
         self.with(|conn| {
             let mut statement = conn.prepare(
@@ -609,11 +633,12 @@ impl StateStore for SqliteStore {
     async fn source_states(&self) -> Result<Vec<SourceState>, StateError> {
         self.with(|conn| {
             let mut statement = conn.prepare(
-                "WITH names AS (SELECT source FROM source_polls UNION SELECT source FROM cursors UNION SELECT DISTINCT source FROM outbox)
+                "WITH names AS (SELECT source FROM source_polls UNION SELECT source FROM cursors UNION SELECT source FROM outbox
+                   UNION SELECT source FROM activities WHERE source IS NOT NULL UNION SELECT source FROM quarantine)
                  SELECT n.source, p.last_poll_at, p.last_success_at, COALESCE(p.consecutive_failures, 0), p.last_error, p.newest_item_at,
                    (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'pending'),
                    (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'dead'),
-                   (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'delivered'),
+                   (SELECT COUNT(*) FROM activities a WHERE a.source = n.source),
                    (SELECT COUNT(*) FROM quarantine q WHERE q.source = n.source)
                  FROM names n LEFT JOIN source_polls p ON p.source = n.source ORDER BY n.source",
             )?;
@@ -643,7 +668,7 @@ impl StateStore for SqliteStore {
             Ok(conn.query_row(
                 "SELECT (SELECT COUNT(*) FROM outbox WHERE status = 'pending'),
                         (SELECT COUNT(*) FROM outbox WHERE status = 'dead'),
-                        (SELECT COUNT(*) FROM outbox WHERE status = 'delivered'),
+                        (SELECT COUNT(*) FROM activities),
                         (SELECT COUNT(*) FROM quarantine),
                         (SELECT COUNT(*) FROM identities)",
                 [],
@@ -764,9 +789,48 @@ mod tests {
         store.rollups_written(&rollups).await.unwrap();
         assert!(store.pending_rollups(10).await.unwrap().is_empty());
 
+        // Pruning drops finished rows, not what they did: the ledger still
+        // knows the item and the delivered count stays.
+        assert_eq!(store.prune(Utc::now() + chrono::Duration::seconds(1)).await.unwrap(), 2);
+        assert_eq!(store.totals().await.unwrap().delivered, 1);
+        let again = store.commit_page("s", vec![claimed[1].contribution.clone()], vec![], None).await.unwrap();
+        assert_eq!(again.unchanged, 1, "a pruned item is still known");
+
         assert_eq!(store.retry_dead_letters(&[]).await.unwrap(), 1);
         assert_eq!(store.claim("w", 10, Duration::from_secs(60)).await.unwrap().len(), 1);
         assert_eq!(store.drop_dead_letters(&[]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
+            )
+            .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO schema_migrations VALUES (1, 0);
+                 INSERT INTO ledger VALUES ('p:forum:1', 'forum', 'h', 0, 0);
+                 INSERT INTO activities (key, contact_id, activity_id, platform, created_at) VALUES ('p:forum:1', 'c', 'a', 'p', 0);
+                 INSERT INTO quarantine (source, reason, raw, at) VALUES ('forum', 'bad', '{', 0);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let states = store.source_states().await.unwrap();
+        let forum = states.iter().find(|s| s.name == "forum").unwrap();
+        assert_eq!((forum.delivered, forum.quarantined), (1, 1));
+        let version: i64 = store
+            .with(|c| Ok(c.query_row("SELECT MAX(version) FROM schema_migrations", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        drop(store);
+        SqliteStore::open(&path).unwrap();
     }
 
     #[tokio::test]
