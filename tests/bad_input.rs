@@ -4,32 +4,13 @@
 
 mod common;
 
-use common::{Setup, hubspot_bodies, hubspot_config, stderr};
-use serde_json::{Value, json};
+use common::{Setup, discourse, hubspot_bodies, hubspot_config, stderr};
+use serde_json::Value;
 use tributary_crm::hubspot::mock::MockHubSpot;
 use tributary_sdk::testkit::Fixture;
-use wiremock::{
-    Mock, MockServer, ResponseTemplate,
-    matchers::{method, path, query_param_is_missing},
-};
+use wiremock::{MockServer, ResponseTemplate};
 
 const TOKEN: &str = "bad-input-token";
-
-async fn discourse(response: ResponseTemplate) -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .and(query_param_is_missing("before"))
-        .respond_with(response)
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "latest_posts": [] })))
-        .mount(&server)
-        .await;
-    server
-}
 
 fn setup_for(discourse: &MockServer, hubspot: &MockHubSpot) -> Setup {
     let setup = Setup::new();

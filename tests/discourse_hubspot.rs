@@ -7,34 +7,9 @@ use common::{Setup, hubspot_config, stderr};
 use serde_json::Value;
 use tributary_crm::hubspot::mock::MockHubSpot;
 use tributary_sdk::testkit::Fixture;
-use wiremock::{
-    Mock, MockServer, ResponseTemplate,
-    matchers::{method, path, query_param_is_missing},
-};
+use wiremock::ResponseTemplate;
 
 const TOKEN: &str = "pat-na1-test-token";
-
-async fn discourse_serving(body: &Value) -> MockServer {
-    let server = MockServer::start().await;
-    mount(&server, body).await;
-    server
-}
-
-async fn mount(server: &MockServer, body: &Value) {
-    server.reset().await;
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .and(query_param_is_missing("before"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(body))
-        .mount(server)
-        .await;
-    // Paging back past the recorded page finds nothing older.
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({ "latest_posts": [] })))
-        .mount(server)
-        .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written_twice_and_edits_update() {
@@ -42,7 +17,7 @@ async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written
     let recorded = posts["latest_posts"].as_array().unwrap().clone();
     let users: std::collections::BTreeSet<_> =
         recorded.iter().map(|p| p["username"].as_str().unwrap().to_owned()).collect();
-    let discourse = discourse_serving(&posts).await;
+    let discourse = common::discourse(ResponseTemplate::new(200).set_body_json(&posts)).await;
     let hubspot = MockHubSpot::start_with_token(TOKEN).await;
 
     let setup = Setup::new();
@@ -94,7 +69,7 @@ async fn one_cycle_lands_contacts_notes_and_associations_then_nothing_is_written
     post["raw"] = Value::from("Edited: the mention is gone.");
     post["version"] = Value::from(2);
     post["updated_at"] = Value::from("2019-10-24T10:00:00.000Z");
-    mount(&discourse, &edited).await;
+    common::serve_discourse(&discourse, ResponseTemplate::new(200).set_body_json(&edited)).await;
     let third = setup.run(&["sync", "community"], &env);
     assert!(third.status.success(), "{}", stderr(&third));
     let notes_after = hubspot.notes();

@@ -6,30 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::{Setup, hubspot_config, stderr};
-use serde_json::json;
 use tributary_crm::hubspot::mock::MockHubSpot;
 use tributary_sdk::testkit::Fixture;
-use wiremock::{
-    Mock, MockServer, ResponseTemplate,
-    matchers::{method, path, query_param_is_missing},
-};
+use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
 
 const TOKEN: &str = "ops-token";
 
 async fn forum() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .and(query_param_is_missing("before"))
-        .respond_with(Fixture::load("discourse", "posts_latest").response())
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/posts.json"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "latest_posts": [] })))
-        .mount(&server)
-        .await;
-    server
+    common::discourse(Fixture::load("discourse", "posts_latest").response()).await
 }
 
 fn setup(forum: &MockServer, hubspot: &MockHubSpot) -> Setup {

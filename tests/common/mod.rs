@@ -178,3 +178,31 @@ pub fn hubspot_bodies(hubspot: &tributary_crm::hubspot::mock::MockHubSpot) -> St
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// Serves `first_page` as Discourse's `/posts.json` (replacing whatever
+/// was mounted); paging back with `before=` finds nothing older.
+pub async fn serve_discourse(server: &wiremock::MockServer, first_page: wiremock::ResponseTemplate) {
+    use wiremock::{
+        Mock, ResponseTemplate,
+        matchers::{method, path, query_param_is_missing},
+    };
+    server.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/posts.json"))
+        .and(query_param_is_missing("before"))
+        .respond_with(first_page)
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/posts.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({ "latest_posts": [] })))
+        .mount(server)
+        .await;
+}
+
+/// A mock Discourse serving `first_page`.
+pub async fn discourse(first_page: wiremock::ResponseTemplate) -> wiremock::MockServer {
+    let server = wiremock::MockServer::start().await;
+    serve_discourse(&server, first_page).await;
+    server
+}

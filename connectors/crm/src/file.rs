@@ -242,7 +242,7 @@ impl Crm for FileCrm {
 
 #[cfg(test)]
 mod tests {
-    use tributary_sdk::{Author, Contribution, Kind};
+    use tributary_sdk::{Author, Contribution};
 
     use super::*;
 
@@ -251,21 +251,9 @@ mod tests {
             platform: "forum".into(),
             source: "demo".into(),
             external_id: id.into(),
-            url: None,
-            kind: Kind::Post,
             author: Author { id: "u1".into(), ..Author::default() },
-            title: None,
             body: body.into(),
-            language: None,
-            created_at: Utc::now(),
-            updated_at: None,
-            parent_id: None,
-            thread_id: None,
-            tags: vec![],
-            score: None,
-            edited: false,
-            deleted: false,
-            signals: None,
+            ..Contribution::sample()
         }
     }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tributary_sdk::{
     Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
-    Quarantined, SecretError, SecretRef, Source, SourceError, text::html_to_text,
+    Quarantined, SecretError, SecretRef, Source, SourceError, source::check_status, text::html_to_text,
 };
 use url::Url;
 
@@ -361,18 +361,6 @@ enum Lookup {
     Later,
     /// No more lookups in this poll.
     Stop,
-}
-
-/// 2xx goes on; 401/403 are refused credentials; anything else is an error.
-fn check_status(response: &HttpResponse) -> Result<(), SourceError> {
-    let status = response.status.as_u16();
-    match status {
-        200..=299 => Ok(()),
-        401 | 403 => {
-            Err(SourceError::Auth(format!("{} answered HTTP {status}: {}", response.target, response.body_snippet())))
-        }
-        _ => Err(SourceError::Status { status, message: format!("{}: {}", response.target, response.body_snippet()) }),
-    }
 }
 
 /// The fields of a `/posts.json` post this connector reads.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tributary_sdk::{
     Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
     Quarantined, Source, SourceError,
+    source::check_status,
     text::{html_to_text, tidy},
 };
 use url::Url;
@@ -232,18 +233,6 @@ fn split_mailbox(raw: &str) -> (Option<String>, Option<String>) {
 
 fn header_string(response: &HttpResponse, name: reqwest::header::HeaderName) -> Option<String> {
     response.header(name.as_str()).map(str::trim).filter(|value| !value.is_empty()).map(str::to_owned)
-}
-
-/// 2xx goes on; 401/403 are refused credentials; anything else is an error.
-fn check_status(response: &HttpResponse) -> Result<(), SourceError> {
-    let status = response.status.as_u16();
-    match status {
-        200..=299 => Ok(()),
-        401 | 403 => {
-            Err(SourceError::Auth(format!("{} answered HTTP {status}: {}", response.target, response.body_snippet())))
-        }
-        _ => Err(SourceError::Status { status, message: format!("{}: {}", response.target, response.body_snippet()) }),
-    }
 }
 
 #[async_trait]

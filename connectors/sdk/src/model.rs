@@ -133,6 +133,34 @@ impl Contribution {
     }
 }
 
+#[cfg(any(test, feature = "testkit"))]
+impl Contribution {
+    /// A plain forum post, for tests: change what a test is about with
+    /// struct update syntax.
+    pub fn sample() -> Contribution {
+        Contribution {
+            platform: "discourse".into(),
+            source: "community".into(),
+            external_id: "42".into(),
+            url: Some("https://community.example.com/t/42".into()),
+            kind: Kind::Post,
+            author: Author { id: "7".into(), handle: Some("mayac".into()), ..Author::default() },
+            title: Some("Export to PDF?".into()),
+            body: "Is there a way?\nI looked in settings.".into(),
+            language: Some("eng".into()),
+            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            updated_at: None,
+            parent_id: None,
+            thread_id: None,
+            tags: vec![],
+            score: None,
+            edited: false,
+            deleted: false,
+            signals: Some(Signals { sentiment: 0.25, intent: Intent::Question }),
+        }
+    }
+}
+
 /// The first 32 hex digits of SHA-256: short enough for CRM property values,
 /// long enough never to collide in practice.
 pub fn short_hash(value: &str) -> String {
@@ -145,33 +173,10 @@ pub fn short_hash(value: &str) -> String {
 mod tests {
     use super::*;
 
-    pub(crate) fn sample() -> Contribution {
-        Contribution {
-            platform: "discourse".into(),
-            source: "community".into(),
-            external_id: "42".into(),
-            url: None,
-            kind: Kind::Post,
-            author: Author { id: "7".into(), ..Author::default() },
-            title: None,
-            body: "hello".into(),
-            language: None,
-            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
-            updated_at: None,
-            parent_id: None,
-            thread_id: None,
-            tags: vec![],
-            score: None,
-            edited: false,
-            deleted: false,
-            signals: None,
-        }
-    }
-
     #[test]
     fn content_hash_changes_with_content_and_keys_do_not() {
-        let a = sample();
-        let mut b = sample();
+        let a = Contribution::sample();
+        let mut b = Contribution::sample();
         assert_eq!(a.content_hash(), b.content_hash());
         b.body = "hello, edited".into();
         b.edited = true;

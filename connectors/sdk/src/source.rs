@@ -4,7 +4,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{http::HttpError, model::Contribution};
+use crate::{
+    http::{HttpError, HttpResponse},
+    model::Contribution,
+};
 
 /// Opaque progress marker of a source, owned by its connector. The daemon
 /// stores it in the same transaction as the items it covers.
@@ -74,6 +77,19 @@ pub enum SourceError {
     Decode(String),
     #[error("the platform answered HTTP {status}: {message}")]
     Status { status: u16, message: String },
+}
+
+/// What a source makes of a final answer: 2xx goes on, 401/403 are
+/// refused credentials, anything else is an error naming the status.
+pub fn check_status(response: &HttpResponse) -> Result<(), SourceError> {
+    let status = response.status.as_u16();
+    match status {
+        200..=299 => Ok(()),
+        401 | 403 => {
+            Err(SourceError::Auth(format!("{} answered HTTP {status}: {}", response.target, response.body_snippet())))
+        }
+        _ => Err(SourceError::Status { status, message: format!("{}: {}", response.target, response.body_snippet()) }),
+    }
 }
 
 /// A place where customers talk, that can be polled for contributions.

@@ -117,31 +117,11 @@ pub(crate) fn note_properties(prefix: &str, key: &str, contribution: &Contributi
 
 #[cfg(test)]
 mod tests {
-    use tributary_sdk::{Author, Intent, Kind, Signals};
 
     use super::*;
 
     fn sample() -> Contribution {
-        Contribution {
-            platform: "discourse".into(),
-            source: "community".into(),
-            external_id: "42".into(),
-            url: Some("https://community.example.com/t/42".into()),
-            kind: Kind::Post,
-            author: Author { id: "7".into(), ..Author::default() },
-            title: Some("Export to PDF?".into()),
-            body: "Is there a way?\nI looked in settings.".into(),
-            language: Some("eng".into()),
-            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
-            updated_at: None,
-            parent_id: None,
-            thread_id: None,
-            tags: vec![],
-            score: None,
-            edited: false,
-            deleted: false,
-            signals: Some(Signals { sentiment: 0.25, intent: Intent::Question }),
-        }
+        Contribution { platform: "discourse".into(), ..Contribution::sample() }
     }
 
     /// Renders `sample()` changed by `change` and checks what the body must

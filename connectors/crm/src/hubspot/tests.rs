@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::DateTime;
-use tributary_sdk::{Author, Contribution, Intent, Kind, Signals};
+use tributary_sdk::{Contribution, Intent, Signals};
 
 use super::{
     mock::{Direction, Fault, MockHubSpot, RateLimitPolicy},
@@ -71,23 +71,12 @@ fn contact(platform: &str, id: &str, email: Option<&str>, handle: &str, name: &s
 fn contribution(external_id: &str, title: &str, body: &str) -> Contribution {
     Contribution {
         platform: "forum".into(),
-        source: "community".into(),
         external_id: external_id.into(),
         url: Some(format!("https://community.example.com/t/{external_id}")),
-        kind: Kind::Post,
-        author: Author { id: "7".into(), handle: Some("mayac".into()), ..Author::default() },
         title: Some(title.into()),
         body: body.into(),
-        language: Some("eng".into()),
-        created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
-        updated_at: None,
-        parent_id: None,
-        thread_id: None,
-        tags: vec![],
-        score: None,
-        edited: false,
-        deleted: false,
         signals: Some(Signals { sentiment: -0.4, intent: Intent::Complaint }),
+        ..Contribution::sample()
     }
 }
 
