@@ -57,8 +57,9 @@ pub struct DiscourseConfig {
     /// cached in memory; a failed lookup leaves the e-mail empty.
     #[serde(default)]
     pub lookup_emails: bool,
-    /// Most pages (of 50 posts) one pass fetches before it stops paging back;
-    /// older posts are then left out. Bounds the first backfill.
+    /// Most pages (of 50 posts) one poll fetches. A first backfill without
+    /// `since` stops there (older posts are left out); any other pass is
+    /// paused and resumed by the next poll, so nothing newer is skipped.
     #[serde(default = "default_max_pages_per_poll")]
     pub max_pages_per_poll: u32,
     /// Return every post of the newest page on each pass, even those already
@@ -106,6 +107,8 @@ struct ApiHeaders {
 #[derive(Debug)]
 pub struct DiscourseSource {
     instance: String,
+    /// Host (and port and path) of the forum: the scope of its user ids.
+    forum: String,
     config: DiscourseConfig,
     http: HttpClient,
     headers: Option<ApiHeaders>,
@@ -160,8 +163,14 @@ impl DiscourseSource {
         if config.lookup_emails && headers.is_none() {
             return Err(BuildError::EmailsNeedKey);
         }
+        let mut forum = config.base_url.host_str().unwrap_or_default().to_owned();
+        if let Some(port) = config.base_url.port() {
+            forum.push_str(&format!(":{port}"));
+        }
+        forum.push_str(config.base_url.path().trim_end_matches('/'));
         Ok(DiscourseSource {
             instance: instance.to_owned(),
+            forum,
             http: HttpClient::new(http)?,
             config,
             headers,
@@ -206,9 +215,11 @@ impl DiscourseSource {
     }
 
     fn to_contribution(&self, post: RawPost) -> Result<Contribution, String> {
+        // User ids are per forum: `forum.example.com/42`, so two forums'
+        // user 42 are two people.
         let author_id = match (post.user_id, &post.username) {
-            (Some(id), _) => id.to_string(),
-            (None, Some(username)) if !username.is_empty() => username.clone(),
+            (Some(id), _) => format!("{}/{id}", self.forum),
+            (None, Some(username)) if !username.is_empty() => format!("{}/{username}", self.forum),
             _ => return Err("the post has neither a user_id nor a username".to_owned()),
         };
         let kind = if post.post_number == 1 {
@@ -273,12 +284,15 @@ impl DiscourseSource {
     }
 
     /// Fills the authors' e-mail addresses (`lookup_emails`), one lookup per
-    /// username at most for the life of the source.
-    async fn fill_emails(&self, contributions: &mut [Contribution]) {
+    /// username at most for the life of the source. A lookup that gives no
+    /// definite answer fails the page: committed without the e-mail, the
+    /// author would become a second contact beside their real one.
+    async fn fill_emails(&self, contributions: &mut [Contribution]) -> Result<(), SourceError> {
         let mut wanted = HashSet::new();
         for contribution in contributions.iter() {
             // Negative ids are Discourse's own bots (system, discobot).
-            let is_person = contribution.author.id.parse::<i64>().is_ok_and(|id| id > 0);
+            let user_id = contribution.author.id.rsplit('/').next().unwrap_or_default();
+            let is_person = user_id.parse::<i64>().is_ok_and(|id| id > 0);
             if let Some(handle) = &contribution.author.handle
                 && is_person
             {
@@ -296,9 +310,12 @@ impl DiscourseSource {
                 Lookup::Answer(email) => {
                     self.lock_emails().insert(username, email);
                 }
-                Lookup::Later => {}
-                // Rate limited: the next request would wait; try on a later poll.
-                Lookup::Stop => break,
+                Lookup::Refused => break,
+                Lookup::Failed(error) => {
+                    return Err(SourceError::Incomplete(format!(
+                        "the e-mail of `{username}` could not be looked up: {error}"
+                    )));
+                }
             }
         }
         let cache = self.lock_emails();
@@ -309,6 +326,7 @@ impl DiscourseSource {
                 contribution.author.email = Some(email.clone());
             }
         }
+        Ok(())
     }
 
     fn lock_emails(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
@@ -323,13 +341,9 @@ impl DiscourseSource {
         let url = self.endpoint(&["u", username, "emails.json"]);
         let response = match self.get(url).await {
             Ok(response) => response,
-            Err(error @ HttpError::RateLimited { .. }) => {
-                tracing::debug!(source = %self.instance, %error, "discourse e-mail lookups paused");
-                return Lookup::Stop;
-            }
             Err(error) => {
                 tracing::debug!(source = %self.instance, %error, "discourse e-mail lookup failed");
-                return Lookup::Later;
+                return Lookup::Failed(error.to_string());
             }
         };
         let status = response.status.as_u16();
@@ -339,11 +353,15 @@ impl DiscourseSource {
                 "discourse refused an e-mail lookup (is the API key an admin's?); no more lookups"
             );
             self.emails_refused.store(true, Ordering::Relaxed);
-            return Lookup::Stop;
+            return Lookup::Refused;
         }
         if !response.status.is_success() {
             tracing::debug!(source = %self.instance, status, "discourse e-mail lookup answered no e-mail");
-            return if status == 404 { Lookup::Answer(None) } else { Lookup::Later };
+            return if status == 404 {
+                Lookup::Answer(None)
+            } else {
+                Lookup::Failed(format!("{} answered HTTP {status}", response.target))
+            };
         }
         let email = serde_json::from_slice::<Value>(&response.body)
             .ok()
@@ -357,10 +375,10 @@ impl DiscourseSource {
 enum Lookup {
     /// A definitive answer, worth caching (None: the forum has no e-mail).
     Answer(Option<String>),
-    /// A transient failure: try again on a later poll.
-    Later,
-    /// No more lookups in this poll.
-    Stop,
+    /// The key may not look e-mails up: lookups are off for this source.
+    Refused,
+    /// No answer this time (network, 5xx, rate limit).
+    Failed(String),
 }
 
 /// The fields of a `/posts.json` post this connector reads.
@@ -477,7 +495,7 @@ impl Source for DiscourseSource {
             }
         }
         if self.config.lookup_emails {
-            self.fill_emails(&mut page.contributions).await;
+            self.fill_emails(&mut page.contributions).await?;
         }
 
         let top = pass.as_ref().map_or(newest.unwrap_or(0), |pass| pass.top);
@@ -491,14 +509,25 @@ impl Source for DiscourseSource {
         if ignored_before {
             tracing::warn!(source = %self.instance, "discourse ignored `before`; ending the pass");
         }
-        let pass_over =
-            next_before.is_none() || passed_since || ignored_before || pages >= self.config.max_pages_per_poll.max(1);
+        // The page cap ends only a first backfill without `since` (older
+        // posts are then left out, as documented). Any other pass is paused
+        // at the cap and resumed by the next poll: moving the watermark over
+        // posts not yet fetched would lose them.
+        let cap_hit = pages >= self.config.max_pages_per_poll.max(1);
+        let ends_at_cap = watermark == 0 && since.is_none();
+        let pass_over = next_before.is_none() || passed_since || ignored_before || (cap_hit && ends_at_cap);
+        let paused = cap_hit && !pass_over;
         let next = match next_before {
-            Some(next_before) if !pass_over => {
-                DiscourseCursor { watermark, pass: Some(PassState { top, before: next_before, pages, since }) }
-            }
+            Some(next_before) if !pass_over => DiscourseCursor {
+                watermark,
+                // A paused pass counts its pages afresh on the next poll.
+                pass: Some(PassState { top, before: next_before, pages: if paused { 0 } else { pages }, since }),
+            },
             _ => DiscourseCursor { watermark: watermark.max(top), pass: None },
         };
+        if paused {
+            tracing::info!(source = %self.instance, pages, "discourse pass paused at max_pages_per_poll; the next poll resumes it");
+        }
         tracing::debug!(
             source = %self.instance, before, fetched,
             contributions = page.contributions.len(), quarantined = page.quarantined.len(),
@@ -507,7 +536,7 @@ impl Source for DiscourseSource {
         if pass_over {
             tracing::info!(source = %self.instance, watermark = next.watermark, pages, "discourse pass complete");
         }
-        page.has_more = !pass_over;
+        page.has_more = !pass_over && !paused;
         // Nothing seen yet (an empty forum): keep no cursor, so the next
         // pass is still a first one and honours `since`.
         page.next_cursor = (next != DiscourseCursor::default()).then(|| Cursor::from_json(&next));
@@ -611,7 +640,9 @@ mod tests {
         assert_eq!(c.platform, "discourse", "{at}");
         assert_eq!(c.source, "community", "{at}");
         assert_eq!(c.kind, expect.kind, "{at}");
-        assert_eq!(c.author.id, expect.author_id, "{at}");
+        // User ids are scoped to the forum (host and port here).
+        let forum = base.trim_start_matches("http://");
+        assert_eq!(c.author.id, format!("{forum}/{}", expect.author_id), "{at}");
         assert_eq!(c.author.handle.as_deref(), Some(expect.handle), "{at}");
         assert_eq!(c.author.display_name.as_deref(), Some(expect.name), "{at}");
         assert_eq!(c.author.profile_url.as_deref(), Some(format!("{base}/u/{}", expect.handle).as_str()), "{at}");
@@ -788,6 +819,29 @@ mod tests {
         // 10 and 1 were committed by an earlier pass.
         assert_eq!(ids(&second), ["18", "17", "16", "14"]);
         assert!(!second.has_more);
+        assert_eq!(cursor(&second), DiscourseCursor { watermark: 29, pass: None });
+    }
+
+    #[tokio::test]
+    async fn a_later_pass_pauses_at_max_pages_and_the_next_poll_resumes_it() {
+        let server = MockServer::start().await;
+        serve_two_pages(&server).await;
+        let mut config = config(&server);
+        config.max_pages_per_poll = 1;
+        let source = source(config);
+
+        let first = source.poll(&PollRequest { cursor: cursor_at(10), since: None }).await.unwrap();
+        assert_eq!(ids(&first), ["29", "28", "27", "26", "25", "22"]);
+        assert!(!first.has_more, "the cap ends this poll");
+        let paused = PassState { top: 29, before: 21, pages: 0, since: None };
+        assert_eq!(
+            cursor(&first),
+            DiscourseCursor { watermark: 10, pass: Some(paused) },
+            "the watermark must not jump"
+        );
+
+        let second = source.poll(&PollRequest { cursor: first.next_cursor.clone(), since: None }).await.unwrap();
+        assert_eq!(ids(&second), ["18", "17", "16", "14"]);
         assert_eq!(cursor(&second), DiscourseCursor { watermark: 29, pass: None });
     }
 
@@ -996,6 +1050,21 @@ mod tests {
             assert_eq!(page.contributions.len(), 12);
             assert!(page.contributions.iter().all(|c| c.author.email.is_none()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_email_lookup_fails_the_page_so_it_is_fetched_again() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        Mock::given(method("GET"))
+            .and(path_regex("^/u/[^/]+/emails.json$"))
+            .respond_with(ResponseTemplate::new(502))
+            .mount(&server)
+            .await;
+        let source = keyed_source(&server, "flaky", true);
+        let error = source.poll(&PollRequest::default()).await.unwrap_err();
+        assert!(matches!(error, SourceError::Incomplete(_)), "{error:?}");
+        assert!(error.to_string().contains("could not be looked up"), "{error}");
     }
 
     #[tokio::test]

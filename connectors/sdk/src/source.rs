@@ -77,6 +77,10 @@ pub enum SourceError {
     Decode(String),
     #[error("the platform answered HTTP {status}: {message}")]
     Status { status: u16, message: String },
+    /// Part of a page could not be completed (an author look-up failed):
+    /// the page is not committed and is fetched again by the next poll.
+    #[error("the page is incomplete and will be fetched again: {0}")]
+    Incomplete(String),
 }
 
 /// What a source makes of a final answer: 2xx goes on, 401/403 are
