@@ -61,13 +61,7 @@ async fn bench(n: u64) -> anyhow::Result<()> {
     let crm: Arc<dyn Crm> = Arc::new(HubSpotCrm::new(config, HttpOptions::default())?);
     crm.setup(&tributary_demo::PLATFORMS.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>()).await?;
     hubspot.clear_requests();
-    let worker = Worker {
-        store: store.clone(),
-        crm,
-        settings: DeliverySettings::default(),
-        owner: "bench".into(),
-        health: None,
-    };
+    let worker = Worker::new(store.clone(), crm, DeliverySettings::default(), "bench".into(), None);
     let started = Instant::now();
     let stats = worker.drain(&CancellationToken::new()).await?;
     let deliver_secs = started.elapsed().as_secs_f64();

@@ -111,13 +111,8 @@ impl Generation {
         for built in sources {
             tasks.spawn(scheduler::run_source(built, store.clone(), owner.to_owned(), wake.clone(), cancel.clone()));
         }
-        let worker = Worker {
-            store: store.clone(),
-            crm: crm.clone(),
-            settings: delivery_settings(config),
-            owner: owner.to_owned(),
-            health: Some(health.clone()),
-        };
+        let worker =
+            Worker::new(store.clone(), crm.clone(), delivery_settings(config), owner.to_owned(), Some(health.clone()));
         tasks.spawn(worker.run(cancel.clone(), wake, config.daemon.delivery_interval.0));
         tasks.spawn(check_crm_periodically(crm, health.clone(), cancel.clone()));
         Ok(Generation { cancel, tasks })
@@ -168,7 +163,23 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
     shutdown::ready();
 
     loop {
-        match signals.next().await {
+        let request = tokio::select! {
+            request = signals.next() => request,
+            // Every task runs until cancelled: one that ends on its own has
+            // panicked. Exit non-zero so systemd restarts a whole daemon
+            // rather than leave a source or the delivery silently stopped.
+            Some(ended) = generation.tasks.join_next() => {
+                let reason = match ended {
+                    Err(error) if error.is_panic() => "panicked",
+                    _ => "ended unexpectedly",
+                };
+                tracing::error!(reason, "a task of the daemon {reason}; stopping so that the service manager restarts it");
+                generation.stop(config.daemon.shutdown_timeout.0).await;
+                server_stop.cancel();
+                anyhow::bail!("a task of the daemon {reason}");
+            }
+        };
+        match request {
             shutdown::Request::Stop => break,
             shutdown::Request::Reload => {
                 shutdown::reloading();
@@ -322,7 +333,7 @@ async fn sync(
     store.record_poll(name, None).await?;
     progress.set_message("delivering to the CRM");
     let crm = registry::build_crm(&config.crm)?;
-    let worker = Worker { store: store.clone(), crm, settings: delivery_settings(config), owner, health: None };
+    let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner, None);
     let delivered = worker.drain(&cancel).await?;
     progress.finish_and_clear();
     stop_on_signal.abort();
@@ -396,13 +407,7 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
             println!("{count} dead letter(s) back in the outbox");
             if count > 0 {
                 let crm = registry::build_crm(&config.crm)?;
-                let worker = Worker {
-                    store: store.clone(),
-                    crm,
-                    settings: delivery_settings(config),
-                    owner: owner_id(),
-                    health: None,
-                };
+                let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner_id(), None);
                 let stats = worker.drain(&CancellationToken::new()).await?;
                 println!(
                     "delivered {}, retry later {}, dead {}, skipped {}",

@@ -4,14 +4,20 @@
 //! jitter (never sooner than the CRM's Retry-After), or dead-lettered with
 //! the CRM's own message. Rollups of touched contacts follow.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::Utc;
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tributary_sdk::{ActivityUpsert, Crm, RecordOutcome};
+use tributary_sdk::{ActivityUpsert, Crm, CrmError, RecordOutcome};
 
 use crate::{
     config::UnknownAuthors,
@@ -60,14 +66,37 @@ pub struct BatchStats {
 
 #[derive(Clone)]
 pub struct Worker {
-    pub store: Arc<dyn StateStore>,
-    pub crm: Arc<dyn Crm>,
-    pub settings: DeliverySettings,
-    pub owner: String,
-    pub health: Option<Arc<Health>>,
+    store: Arc<dyn StateStore>,
+    crm: Arc<dyn Crm>,
+    settings: DeliverySettings,
+    owner: String,
+    health: Option<Arc<Health>>,
+    /// Batches in a row that failed as a whole: the backoff of an outage.
+    outage: Arc<AtomicU32>,
+}
+
+/// Whether a failure of a whole batch is the CRM's as a whole (down, rate
+/// limiting, refusing the credentials, missing setup) rather than
+/// something about these records.
+fn is_outage(error: &CrmError) -> bool {
+    match error {
+        CrmError::Http(error) => error.is_transient(),
+        CrmError::RateLimited { .. } | CrmError::Auth(_) | CrmError::Transient(_) | CrmError::Io(_) => true,
+        CrmError::Decode(_) => false,
+    }
 }
 
 impl Worker {
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        crm: Arc<dyn Crm>,
+        settings: DeliverySettings,
+        owner: String,
+        health: Option<Arc<Health>>,
+    ) -> Worker {
+        Worker { store, crm, settings, owner, health, outage: Arc::new(AtomicU32::new(0)) }
+    }
+
     /// Runs until `shutdown`: a batch whenever woken or every `interval`.
     /// A batch in flight is finished before the worker returns.
     pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>, interval: Duration) {
@@ -126,11 +155,32 @@ impl Worker {
         Utc::now() + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1))
     }
 
+    /// A failure that may be about this record: it uses up an attempt.
     fn failed(&self, row: &Claimed, error: String, retry_after: Option<Duration>) -> Delivery {
         if row.attempts + 1 >= self.settings.max_attempts {
             Delivery::Dead { error: format!("gave up after {} attempts: {error}", row.attempts + 1) }
         } else {
-            Delivery::Retry { error, at: self.backoff(row.attempts, retry_after) }
+            Delivery::Retry { error, at: self.backoff(row.attempts, retry_after), counts: true }
+        }
+    }
+
+    /// A failure of the whole batch: an outage backs off with the number
+    /// of failed batches in a row and uses up no attempt, so a long CRM
+    /// outage dead-letters nothing.
+    fn batch_failed(&self, row: &Claimed, error: &CrmError) -> Delivery {
+        if !is_outage(error) {
+            return self.failed(row, error.to_string(), error.retry_after());
+        }
+        let streak = self.outage.load(Ordering::Relaxed);
+        Delivery::Retry { error: error.to_string(), at: self.backoff(streak, error.retry_after()), counts: false }
+    }
+
+    fn batch_result(&self, error: Option<&CrmError>) {
+        match error {
+            Some(error) if is_outage(error) => {
+                self.outage.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => self.outage.store(0, Ordering::Relaxed),
         }
     }
 
@@ -150,11 +200,8 @@ impl Worker {
             Err(IdentityError::State(error)) => return Err(error.into()),
             Err(IdentityError::Crm(error)) => {
                 self.crm_failed(&error.to_string());
-                let retry_after = error.retry_after();
-                let finished = claimed
-                    .iter()
-                    .map(|row| self.finished(row, self.failed(row, error.to_string(), retry_after)))
-                    .collect();
+                let finished = claimed.iter().map(|row| self.finished(row, self.batch_failed(row, &error))).collect();
+                self.batch_result(Some(&error));
                 stats.retried = claimed.len();
                 self.store.finish(&self.owner, finished).await?;
                 tracing::warn!(error = %error, rows = claimed.len(), "identity resolution failed; batch retried later");
@@ -185,6 +232,7 @@ impl Worker {
             match self.crm.upsert_activities(&activities).await {
                 Ok(results) => {
                     self.crm_succeeded();
+                    self.batch_result(None);
                     for ((index, activity), result) in activity_rows.iter().zip(&activities).zip(results) {
                         outcomes[*index] = Some(match result {
                             RecordOutcome::Done(activity_id) => {
@@ -197,10 +245,10 @@ impl Worker {
                 Err(error) => {
                     self.crm_failed(&error.to_string());
                     tracing::warn!(error = %error, rows = activity_rows.len(), "activity upsert failed; retried later");
-                    let retry_after = error.retry_after();
                     for index in &activity_rows {
-                        outcomes[*index] = Some(self.failed(&claimed[*index], error.to_string(), retry_after));
+                        outcomes[*index] = Some(self.batch_failed(&claimed[*index], &error));
                     }
+                    self.batch_result(Some(&error));
                 }
             }
         }
@@ -286,5 +334,43 @@ impl Worker {
         if let Some(health) = &self.health {
             health.crm_result(Some(error.to_owned()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tributary_crm::file::{FileCrm, FileCrmConfig};
+
+    use super::*;
+    use crate::state::SqliteStore;
+
+    fn worker(store: &Arc<SqliteStore>, crm_path: std::path::PathBuf) -> Worker {
+        let settings =
+            DeliverySettings { max_attempts: 2, base_backoff: Duration::ZERO, ..DeliverySettings::default() };
+        let crm = Arc::new(FileCrm::new(FileCrmConfig { path: crm_path }).unwrap());
+        Worker::new(store.clone(), crm, settings, "test".into(), None)
+    }
+
+    #[tokio::test]
+    async fn a_crm_outage_uses_up_no_attempts_and_dead_letters_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        let contribution =
+            crate::pipeline::normalize("s", tributary_demo::DemoSource::new("s", Default::default()).contribution(0));
+        store.commit_page("s", vec![contribution], vec![], None).await.unwrap();
+
+        // The CRM cannot write (a file stands where its folder goes): an outage.
+        let worker = worker(&store, dir.path().join("crm/crm.json"));
+        std::fs::write(dir.path().join("crm"), "").unwrap();
+        for _ in 0..5 {
+            let stats = worker.deliver_batch().await.unwrap();
+            assert_eq!((stats.claimed, stats.retried, stats.dead), (1, 1, 0));
+        }
+        assert!(store.dead_letters().await.unwrap().is_empty(), "an outage dead-lettered a contribution");
+
+        // The CRM is back: the contribution lands.
+        std::fs::remove_file(dir.path().join("crm")).unwrap();
+        let stats = worker.deliver_batch().await.unwrap();
+        assert_eq!(stats.delivered, 1);
     }
 }

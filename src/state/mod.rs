@@ -53,10 +53,13 @@ pub enum Delivery {
         contact_id: String,
         activity_id: String,
     },
-    /// Try again, no sooner than `at`.
+    /// Try again, no sooner than `at`. `counts` is false when the failure
+    /// was the CRM's as a whole (down, rate limiting, refusing the
+    /// credentials): such failures never use up a row's attempts.
     Retry {
         error: String,
         at: DateTime<Utc>,
+        counts: bool,
     },
     Dead {
         error: String,

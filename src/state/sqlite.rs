@@ -368,13 +368,13 @@ impl StateStore for SqliteStore {
                             [contact_id],
                         )?;
                     }
-                    Delivery::Retry { error, at } => {
+                    Delivery::Retry { error, at, counts } => {
                         tx.execute(
                             &format!(
-                                "UPDATE outbox SET attempts = attempts + 1, last_error = ?4, next_attempt_at = ?5,
+                                "UPDATE outbox SET attempts = attempts + ?6, last_error = ?4, next_attempt_at = ?5,
                                  lease_owner = NULL, lease_until = NULL {guard}"
                             ),
-                            params![item.id, owner, item.content_hash, error, at.timestamp_millis()],
+                            params![item.id, owner, item.content_hash, error, at.timestamp_millis(), i64::from(*counts)],
                         )?;
                     }
                     Delivery::Dead { error } => {
@@ -516,11 +516,12 @@ impl StateStore for SqliteStore {
         let filter = if ids.is_empty() { String::new() } else { format!(" AND id IN ({})", in_list(ids)) };
         self.with(move |conn| {
             let tx = conn.transaction()?;
-            // A newer pending version of the same key wins over the dead one.
+            // Only the newest version of a key may come back: a dead row that
+            // a later version superseded (pending, delivered or dead) goes.
             tx.execute(
                 &format!(
                     "DELETE FROM outbox WHERE status = 'dead'{filter}
-                     AND key IN (SELECT key FROM outbox WHERE status = 'pending')"
+                     AND EXISTS (SELECT 1 FROM outbox newer WHERE newer.key = outbox.key AND newer.id > outbox.id)"
                 ),
                 [],
             )?;
@@ -831,6 +832,42 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
         drop(store);
         SqliteStore::open(&path).unwrap();
+    }
+
+    async fn finish_all(store: &SqliteStore, delivery: Delivery) {
+        for row in store.claim("w", 10, Duration::from_secs(60)).await.unwrap() {
+            let finished = Finished {
+                id: row.id,
+                content_hash: row.content_hash,
+                contribution: row.contribution,
+                delivery: delivery.clone(),
+            };
+            store.finish("w", vec![finished]).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn retrying_dead_letters_brings_back_only_the_newest_version() {
+        let (_dir, store) = store();
+        let dead = Delivery::Dead { error: "refused".into() };
+        // v1 died, v2 was delivered: retrying must not send v1 over v2.
+        store.commit_page("s", vec![item("1", "v1")], vec![], None).await.unwrap();
+        finish_all(&store, dead.clone()).await;
+        store.commit_page("s", vec![item("1", "v2")], vec![], None).await.unwrap();
+        finish_all(&store, Delivery::Delivered { contact_id: "c".into(), activity_id: "a".into() }).await;
+        assert_eq!(store.retry_dead_letters(&[]).await.unwrap(), 0);
+        assert!(store.dead_letters().await.unwrap().is_empty(), "the superseded version is gone");
+
+        // w1 and w2 both died: one retry brings back w2 alone.
+        store.commit_page("s", vec![item("2", "w1")], vec![], None).await.unwrap();
+        finish_all(&store, dead.clone()).await;
+        store.commit_page("s", vec![item("2", "w2")], vec![], None).await.unwrap();
+        finish_all(&store, dead).await;
+        assert_eq!(store.dead_letters().await.unwrap().len(), 2);
+        assert_eq!(store.retry_dead_letters(&[]).await.unwrap(), 1);
+        let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].contribution.body, "w2");
     }
 
     #[tokio::test]

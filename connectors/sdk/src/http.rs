@@ -141,7 +141,23 @@ impl std::fmt::Debug for HttpClient {
 
 impl HttpClient {
     pub fn new(options: HttpOptions) -> Result<HttpClient, HttpError> {
+        // Credentials ride in headers: a redirect may stay on its host and
+        // scheme (or go from http to https), never leave them.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            let (from, to) = (&attempt.previous()[0], attempt.url());
+            let same_host =
+                from.host_str() == to.host_str() && from.port_or_known_default() == to.port_or_known_default();
+            let downgrade = from.scheme() == "https" && to.scheme() != "https";
+            if attempt.previous().len() > 5 {
+                attempt.error("too many redirects")
+            } else if !same_host || downgrade {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        });
         let inner = reqwest::Client::builder()
+            .redirect(redirects)
             .user_agent(options.user_agent.clone())
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
@@ -304,8 +320,17 @@ impl HttpClient {
     }
 }
 
+/// A numeric header; NaN and infinities (which parse) are refused.
 fn header_f64(headers: &HeaderMap, name: &str) -> Option<f64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+    headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|value| value.is_finite())
+}
+
+/// The longest wait any header may impose: a day.
+const MAX_SERVER_WAIT: Duration = Duration::from_secs(86_400);
+
+/// A wait in seconds, clamped to 0..=a day (never panics).
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value.max(0.0)).unwrap_or(MAX_SERVER_WAIT).min(MAX_SERVER_WAIT)
 }
 
 /// How long the server asked us to wait, from Retry-After (seconds or an
@@ -313,12 +338,12 @@ fn header_f64(headers: &HeaderMap, name: &str) -> Option<f64> {
 fn server_wait(headers: &HeaderMap) -> Option<Duration> {
     if let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
         let value = value.trim();
-        if let Ok(seconds) = value.parse::<f64>() {
-            return Some(Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)));
+        if let Some(wait) = value.parse::<f64>().ok().filter(|v| v.is_finite()) {
+            return Some(seconds(wait));
         }
         if let Ok(date) = chrono::DateTime::parse_from_rfc2822(value) {
             let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
-            return Some(wait.to_std().unwrap_or(Duration::ZERO));
+            return Some(wait.to_std().unwrap_or(Duration::ZERO).min(MAX_SERVER_WAIT));
         }
     }
     reset_wait(headers)
@@ -329,8 +354,8 @@ fn server_wait(headers: &HeaderMap) -> Option<Duration> {
 fn reset_wait(headers: &HeaderMap) -> Option<Duration> {
     const RESET: [&str; 3] = ["x-ratelimit-reset", "ratelimit-reset", "x-rate-limit-reset"];
     let value = RESET.iter().find_map(|name| header_f64(headers, name))?;
-    let seconds = if value > 1e9 { value - chrono::Utc::now().timestamp() as f64 } else { value };
-    Some(Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)))
+    let wait = if value > 1e9 { value - chrono::Utc::now().timestamp() as f64 } else { value };
+    Some(seconds(wait))
 }
 
 async fn read_capped(mut response: reqwest::Response, limit: usize, target: &str) -> Result<Vec<u8>, HttpError> {
@@ -464,6 +489,58 @@ mod tests {
         let slow = client.send(client.get(format!("{}/slow", server.uri()))).await.unwrap_err();
         assert!(matches!(slow, HttpError::Timeout { .. }), "{slow:?}");
         assert_eq!(server.received_requests().await.unwrap().iter().filter(|r| r.url.path() == "/slow").count(), 4);
+    }
+
+    /// Headers a hostile or broken server may send: no panic, bounded waits.
+    #[test]
+    fn absurd_rate_limit_headers_give_bounded_waits() {
+        for (name, value) in [
+            ("retry-after", "NaN"),
+            ("retry-after", "inf"),
+            ("retry-after", "-5"),
+            ("retry-after", "1e300"),
+            ("retry-after", "Sat, 01 Jan 200000 00:00:00 GMT"),
+            ("x-ratelimit-reset", "nan"),
+            ("x-ratelimit-reset", "1e300"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, value.parse().unwrap());
+            let wait = server_wait(&headers);
+            assert!(wait.is_none_or(|w| w <= MAX_SERVER_WAIT), "{name}: {value} -> {wait:?}");
+        }
+        let client = fast_client();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-hubspot-ratelimit-remaining", "0".parse().unwrap());
+        headers.insert("x-hubspot-ratelimit-interval-milliseconds", "inf".parse().unwrap());
+        client.note_rate_limit_headers(&headers);
+        headers.insert("x-hubspot-ratelimit-interval-milliseconds", "10000".parse().unwrap());
+        client.note_rate_limit_headers(&headers);
+        let closed = client.gate_remaining().unwrap();
+        assert!(closed > Duration::from_secs(9) && closed <= Duration::from_secs(10), "{closed:?}");
+    }
+
+    #[tokio::test]
+    async fn credentials_do_not_follow_a_redirect_to_another_host() {
+        let elsewhere = MockServer::start().await;
+        Mock::given(method("GET")).respond_with(ResponseTemplate::new(200)).mount(&elsewhere).await;
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/same"))
+            .respond_with(ResponseTemplate::new(302).insert_header("location", "/landed"))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET")).and(path("/landed")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/away"))
+            .respond_with(ResponseTemplate::new(302).insert_header("location", format!("{}/stolen", elsewhere.uri())))
+            .mount(&server)
+            .await;
+        let client = fast_client();
+        let same = client.send(client.get(format!("{}/same", server.uri())).header("api-key", "k")).await.unwrap();
+        assert_eq!(same.status, 200, "a redirect on the same host is followed");
+        let away = client.send(client.get(format!("{}/away", server.uri())).header("api-key", "k")).await.unwrap();
+        assert_eq!(away.status, 302, "a redirect to another host is not followed");
+        assert!(elsewhere.received_requests().await.unwrap().is_empty());
     }
 
     #[test]
