@@ -298,7 +298,10 @@ impl Schedule {
     /// The next poll after `now`, before jitter.
     pub fn next_after(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         match self {
-            Schedule::Every(every) => now + chrono::Duration::from_std(*every).unwrap_or(chrono::Duration::MAX),
+            Schedule::Every(every) => chrono::Duration::from_std(*every)
+                .ok()
+                .and_then(|every| now.checked_add_signed(every))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
             Schedule::Cron(cron) => cron.after(&now).next().unwrap_or(DateTime::<Utc>::MAX_UTC),
         }
     }
@@ -508,7 +511,22 @@ impl<'a> Reader<'a> {
             self.problem(key.span(), key.get_ref().to_string(), format!("unknown top-level table `{}`", key.get_ref()));
         }
         if self.secrets == Secrets::Check {
-            self.check_secrets(&index, &mut Vec::new());
+            // A disabled source is never built: its secrets need not resolve.
+            let mut checked = index.clone();
+            if let Some(DeValue::Table(configured)) = checked.get_mut("sources").map(Spanned::get_mut) {
+                let disabled: Vec<String> = configured
+                    .iter()
+                    .map(|(name, _)| name.get_ref().to_string())
+                    .filter(|name| sources.get(name).is_some_and(|s| !s.common.enabled))
+                    .collect();
+                for name in disabled {
+                    configured.remove_entry(name.as_str());
+                }
+            }
+            self.check_secrets(&checked, &mut Vec::new());
+        }
+        if let Some(daemon) = &daemon {
+            self.check_ranges(&index, daemon);
         }
 
         match (daemon, crm) {
@@ -616,6 +634,25 @@ impl<'a> Reader<'a> {
         let hint = format!("this build knows: {}", known.join(", "));
         let (line, column) = line_column(self.text, span.start);
         self.problems.push(Problem { file: self.file.to_owned(), line, column, key: key.to_owned(), message, hint });
+    }
+
+    /// Values that parse but make no sense.
+    fn check_ranges(&mut self, index: &DeTable<'_>, daemon: &DaemonConfig) {
+        let checks: [(&str, bool, &str); 4] = [
+            ("batch_size", (1..=100).contains(&daemon.batch_size), "must be between 1 and 100 (HubSpot's batch limit)"),
+            ("max_attempts", daemon.max_attempts >= 1, "must be at least 1"),
+            ("failure_threshold", daemon.failure_threshold >= 1, "must be at least 1 (0 would never be ready)"),
+            ("delivery_interval", daemon.delivery_interval.0 >= Duration::from_millis(100), "must be at least 100ms"),
+        ];
+        for (key, ok, message) in checks {
+            if ok {
+                continue;
+            }
+            let span = table_at(index, "daemon")
+                .and_then(|table| table.get_key_value(key))
+                .map_or(0..0, |(key, _)| key.span());
+            self.problem(span, format!("daemon.{key}"), format!("`{key}` {message}"));
+        }
     }
 
     /// Every `{ env = ... }` / `{ file = ... }` table must resolve.
@@ -813,6 +850,22 @@ schedule = "every 2m"
         assert_eq!(secret.line, 16);
         assert_eq!(secret.key, "sources.x.seed");
         assert!(secret.hint.contains("Environment="), "{secret}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_problems_and_disabled_sources_need_no_secrets() {
+        check(
+            &BASE.replace("state = \"sqlite://state.db\"", "batch_size = 500\nfailure_threshold = 0"),
+            &[(3, "daemon.batch_size", "between 1 and 100", ""), (4, "daemon.failure_threshold", "at least 1", "")],
+        );
+        let disabled = BASE.to_owned()
+            + "\n[sources.old]\ntype = \"discourse\"\nbase_url = \"https://old.example.com\"\nschedule = \"every 1m\"\nenabled = false\napi_key = { env = \"TRIBUTARY_TEST_NOT_SET\" }\n";
+        check(&disabled, &[]);
+        let enabled = disabled.replace("enabled = false", "enabled = true");
+        check(&enabled, &[(18, "sources.old.api_key", "TRIBUTARY_TEST_NOT_SET", "Environment=")]);
+        // A schedule too long to add to now does not panic.
+        let far: Schedule = "every 99999999999d".parse().unwrap();
+        assert_eq!(far.next_after(Utc::now()), DateTime::<Utc>::MAX_UTC);
     }
 
     #[test]

@@ -21,6 +21,19 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
 }
 
+/// Whether a process exists: `kill(pid, 0)`, where EPERM (another user's
+/// process, as under `DynamicUser=`) counts as alive. Unlike a look at
+/// /proc, this sees through `ProtectProc=invisible`.
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+    let result = unsafe { libc::kill(pid, 0) };
+    result == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// A name for this process in leases: `host/pid/random`.
 pub fn owner_id() -> String {
     format!("{}/{}/{:08x}", hostname(), std::process::id(), rand::random::<u32>())
@@ -37,8 +50,7 @@ pub async fn release_dead_owners(store: &dyn StateStore) -> anyhow::Result<()> {
         let (Some(owner_host), Some(pid)) = (parts.next(), parts.next().and_then(|p| p.parse::<u32>().ok())) else {
             continue;
         };
-        let alive = Path::new(&format!("/proc/{pid}")).exists();
-        if owner_host == host && !alive {
+        if owner_host == host && !process_alive(pid) {
             let released = store.release_owner(&owner).await?;
             tracing::info!(%owner, released, "released the leases of a process that is gone");
         }
@@ -58,8 +70,8 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn StateStore>> {
 
 fn delivery_settings(config: &Config) -> DeliverySettings {
     DeliverySettings {
-        batch_size: config.daemon.batch_size.clamp(1, 100),
-        max_attempts: config.daemon.max_attempts.max(1),
+        batch_size: config.daemon.batch_size,
+        max_attempts: config.daemon.max_attempts,
         unknown_authors: config.crm.common.unknown_authors,
         retention: config.daemon.retention.0,
         ..DeliverySettings::default()
@@ -186,6 +198,21 @@ async fn run(mut config: Config) -> anyhow::Result<()> {
                 match load_config(&config.path) {
                     Ok(new_config) => {
                         tracing::info!("reloading the configuration");
+                        let (old, new) = (&config.daemon, &new_config.daemon);
+                        let restart_only = [
+                            ("state", old.state != new.state),
+                            ("listen", old.listen != new.listen),
+                            ("log_format", old.log_format != new.log_format),
+                            ("failure_threshold", old.failure_threshold != new.failure_threshold),
+                        ];
+                        for (key, changed) in restart_only {
+                            if changed {
+                                tracing::warn!(
+                                    key,
+                                    "`daemon.{key}` changed: it takes effect at the next restart, not on reload"
+                                );
+                            }
+                        }
                         generation.stop(config.daemon.shutdown_timeout.0).await;
                         generation = match Generation::start(&new_config, &store, &health, &owner) {
                             Ok(next) => {
@@ -437,4 +464,20 @@ async fn crm_setup(config: &Config) -> anyhow::Result<()> {
     }
     println!("{} created, {} already there", report.created.len(), report.existing.len());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_liveness_sees_live_and_dead_processes() {
+        assert!(process_alive(std::process::id()));
+        assert!(process_alive(1), "init is alive (EPERM counts as alive)");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid), "a reaped child is gone");
+        assert!(!process_alive(0) && !process_alive(u32::MAX));
+    }
 }

@@ -110,8 +110,10 @@ impl Worker {
                 }
                 if pruned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
                     pruned_at = Some(std::time::Instant::now());
-                    let cutoff = Utc::now()
-                        - chrono::Duration::from_std(self.settings.retention).unwrap_or(chrono::Duration::days(30));
+                    let cutoff = chrono::Duration::from_std(self.settings.retention)
+                        .ok()
+                        .and_then(|retention| Utc::now().checked_sub_signed(retention))
+                        .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
                     match self.store.prune(cutoff).await {
                         Ok(0) => {}
                         Ok(rows) => tracing::info!(rows, "pruned finished outbox rows past retention"),
@@ -314,13 +316,11 @@ impl Worker {
                 .collect();
             for (rollup, result) in rollups.iter().zip(&results) {
                 if let RecordOutcome::Rejected(error) = result {
-                    tracing::warn!(contact = %rollup.contact_id, error = %error, "rollup refused");
+                    tracing::warn!(contact = %rollup.contact_id, error = %error, "rollup refused; the contact is forgotten");
+                    self.store.forget_contact(&rollup.contact_id).await?;
                 }
             }
             self.store.rollups_written(&written).await?;
-            if written.is_empty() {
-                return Ok(());
-            }
         }
     }
 

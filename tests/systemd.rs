@@ -85,11 +85,14 @@ fn the_shipped_unit_passes_systemd_analyze_verify() {
     let setup = Setup::new();
     let credential = setup.path("hubspot");
     std::fs::write(&credential, "token\n").unwrap();
+    let discourse = setup.path("discourse");
+    std::fs::write(&discourse, "key\n").unwrap();
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tributary.service")).unwrap();
     // The unit names the installed paths; point them at this build.
     let unit = unit
         .replace("/usr/local/bin/tributary", BIN)
-        .replace("/etc/tributary/credentials/hubspot", &credential.display().to_string());
+        .replace("/etc/tributary/credentials/hubspot", &credential.display().to_string())
+        .replace("/etc/tributary/credentials/discourse", &discourse.display().to_string());
     let path = setup.path("tributary.service");
     std::fs::write(&path, unit).unwrap();
     let output = Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
@@ -98,6 +101,18 @@ fn the_shipped_unit_passes_systemd_analyze_verify() {
     let problems: Vec<_> = stderr.lines().filter(|l| l.contains("tributary.service")).collect();
     assert!(problems.is_empty(), "systemd-analyze complains:\n{stderr}");
     let original = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tributary.service")).unwrap();
+    // The production config checks clean with the credentials the unit loads.
+    let production = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/production.toml")).unwrap();
+    let config = setup.path("production.toml");
+    std::fs::write(&config, production).unwrap();
+    let check = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("CREDENTIALS_DIRECTORY", setup.dir.path())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
     for hardening in [
         "Type=notify",
         "WatchdogSec=",

@@ -145,6 +145,9 @@ pub trait StateStore: Send + Sync {
     async fn pending_rollups(&self, limit: usize) -> Result<Vec<Rollup>, StateError>;
     /// Marks rollups written, unless the contact changed again meanwhile.
     async fn rollups_written(&self, rollups: &[Rollup]) -> Result<(), StateError>;
+    /// The CRM refused a contact (deleted or merged there): no rollup is
+    /// due for it any more, and identities linked to it are resolved again.
+    async fn forget_contact(&self, contact_id: &str) -> Result<(), StateError>;
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
     /// Puts dead letters back in the outbox (all when `ids` is empty); returns how many.

@@ -8,7 +8,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup};
 
 use super::{Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals};
@@ -104,6 +104,7 @@ const MIGRATIONS: &[&str] = &[
     UPDATE activities SET source = (SELECT source FROM ledger WHERE ledger.key = activities.key);
     CREATE INDEX activities_by_source ON activities (source);
     CREATE INDEX outbox_finished ON outbox (status, finished_at);
+    CREATE INDEX outbox_by_source ON outbox (source, status);
     ",
 ];
 
@@ -156,13 +157,15 @@ fn migrate(conn: &mut Connection) -> Result<(), StateError> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
     )?;
-    let applied: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
     for (index, sql) in MIGRATIONS.iter().enumerate() {
         let version = index as i64 + 1;
+        // Decided inside the write transaction: two processes starting at
+        // once apply each migration once.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let applied: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
         if version <= applied {
             continue;
         }
-        let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)", params![version, now_ms()])?;
         tx.commit()?;
@@ -234,7 +237,7 @@ impl StateStore for SqliteStore {
         let source = source.to_owned();
         self.with(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut stats = CommitStats::default();
             let mut newest: Option<i64> = None;
             for contribution in &contributions {
@@ -284,7 +287,7 @@ impl StateStore for SqliteStore {
         self.with(move |conn| {
             let now = now_ms();
             let until = now + lease.as_millis() as i64;
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut claimed = Vec::new();
             {
                 let mut statement = tx.prepare(
@@ -324,7 +327,7 @@ impl StateStore for SqliteStore {
         let owner = owner.to_owned();
         self.with(move |conn| {
             let now = now_ms();
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for item in &finished {
                 // Only the lease holder finishes a row, and only the version it delivered.
                 let guard = "WHERE id = ?1 AND lease_owner = ?2 AND content_hash = ?3";
@@ -474,7 +477,7 @@ impl StateStore for SqliteStore {
         let written: Vec<(String, u64)> =
             rollups.iter().map(|r| (r.contact_id.clone(), r.contribution_count)).collect();
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for (contact_id, count) in &written {
                 // Still due if an activity landed after the figures were taken.
                 tx.execute(
@@ -483,6 +486,18 @@ impl StateStore for SqliteStore {
                     params![contact_id, *count as i64],
                 )?;
             }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn forget_contact(&self, contact_id: &str) -> Result<(), StateError> {
+        let contact_id = contact_id.to_owned();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM rollups_due WHERE contact_id = ?1", [&contact_id])?;
+            tx.execute("DELETE FROM identities WHERE contact_id = ?1", [&contact_id])?;
             tx.commit()?;
             Ok(())
         })
@@ -515,7 +530,7 @@ impl StateStore for SqliteStore {
     async fn retry_dead_letters(&self, ids: &[i64]) -> Result<u64, StateError> {
         let filter = if ids.is_empty() { String::new() } else { format!(" AND id IN ({})", in_list(ids)) };
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             // Only the newest version of a key may come back: a dead row that
             // a later version superseded (pending, delivered or dead) goes.
             tx.execute(
@@ -572,17 +587,29 @@ impl StateStore for SqliteStore {
 
     async fn prune(&self, older_than: DateTime<Utc>) -> Result<u64, StateError> {
         let cutoff = older_than.timestamp_millis();
-        self.with(move |conn| {
-            let tx = conn.transaction()?;
-            let rows = tx.execute(
-                "DELETE FROM outbox WHERE status IN ('delivered', 'skipped') AND finished_at < ?1",
-                [cutoff],
-            )?;
-            let quarantined = tx.execute("DELETE FROM quarantine WHERE at < ?1", [cutoff])?;
-            tx.commit()?;
-            Ok((rows + quarantined) as u64)
-        })
-        .await
+        // In chunks, each its own transaction, so the one connection (and
+        // the health checks behind it) is never held for long.
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .with(move |conn| {
+                    let rows = conn.execute(
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
+                           WHERE status IN ('delivered', 'skipped') AND finished_at < ?1 LIMIT 5000)",
+                        [cutoff],
+                    )?;
+                    let quarantined = conn.execute(
+                        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE at < ?1 LIMIT 5000)",
+                        [cutoff],
+                    )?;
+                    Ok((rows + quarantined) as u64)
+                })
+                .await?;
+            total += deleted;
+            if deleted == 0 {
+                return Ok(total);
+            }
+        }
     }
 
     async fn owners(&self) -> Result<Vec<String>, StateError> {
@@ -599,7 +626,7 @@ impl StateStore for SqliteStore {
     async fn release_owner(&self, owner: &str) -> Result<u64, StateError> {
         let owner = owner.to_owned();
         self.with(move |conn| {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let leases = tx.execute("DELETE FROM leases WHERE owner = ?1", [&owner])?;
             let rows = tx
                 .execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1", [&owner])?;
@@ -634,7 +661,7 @@ impl StateStore for SqliteStore {
     async fn source_states(&self) -> Result<Vec<SourceState>, StateError> {
         self.with(|conn| {
             let mut statement = conn.prepare(
-                "WITH names AS (SELECT source FROM source_polls UNION SELECT source FROM cursors UNION SELECT source FROM outbox
+                "WITH names AS (SELECT source FROM source_polls UNION SELECT source FROM cursors
                    UNION SELECT source FROM activities WHERE source IS NOT NULL UNION SELECT source FROM quarantine)
                  SELECT n.source, p.last_poll_at, p.last_success_at, COALESCE(p.consecutive_failures, 0), p.last_error, p.newest_item_at,
                    (SELECT COUNT(*) FROM outbox o WHERE o.source = n.source AND o.status = 'pending'),
@@ -868,6 +895,18 @@ mod tests {
         let claimed = store.claim("w", 10, Duration::from_secs(60)).await.unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(claimed[0].contribution.body, "w2");
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_contact_is_resolved_again_and_owes_no_rollup() {
+        let (_dir, store) = store();
+        store.commit_page("s", vec![item("1", "a")], vec![], None).await.unwrap();
+        finish_all(&store, Delivery::Delivered { contact_id: "c1".into(), activity_id: "a1".into() }).await;
+        store.link_identity("forum:u1", "c1", "email").await.unwrap();
+        assert_eq!(store.pending_rollups(10).await.unwrap().len(), 1);
+        store.forget_contact("c1").await.unwrap();
+        assert!(store.pending_rollups(10).await.unwrap().is_empty());
+        assert_eq!(store.identity("forum:u1").await.unwrap(), None);
     }
 
     #[tokio::test]

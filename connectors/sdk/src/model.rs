@@ -124,11 +124,12 @@ impl Contribution {
         format!("{}:{}", self.platform, self.author.id)
     }
 
-    /// A hash of everything the CRM would see: unchanged items have the
-    /// same hash and are never sent again.
+    /// A hash of the content: unchanged items have the same hash and are
+    /// never sent again. The score (likes, votes) is left out: it moves all
+    /// the time and would resend every rescanned item.
     pub fn content_hash(&self) -> String {
         // serde_json writes struct fields in declaration order, so this is stable.
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let bytes = serde_json::to_vec(&Contribution { score: None, ..self.clone() }).unwrap_or_default();
         hex::encode(Sha256::digest(&bytes))
     }
 }
@@ -181,6 +182,8 @@ mod tests {
         b.body = "hello, edited".into();
         b.edited = true;
         assert_ne!(a.content_hash(), b.content_hash());
+        let liked = Contribution { score: Some(12.0), ..Contribution::sample() };
+        assert_eq!(liked.content_hash(), a.content_hash(), "a new score alone is not a change");
         assert_eq!(a.key(), b.key());
         assert_eq!(a.activity_key(), b.activity_key());
         assert_eq!(a.activity_key().len(), 32);
