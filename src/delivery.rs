@@ -188,10 +188,24 @@ impl Worker {
 
     pub async fn deliver_batch(&self) -> anyhow::Result<BatchStats> {
         let claimed = self.store.claim(&self.owner, self.settings.batch_size, self.settings.lease).await?;
-        let mut stats = BatchStats { claimed: claimed.len(), ..BatchStats::default() };
         if claimed.is_empty() {
-            return Ok(stats);
+            return Ok(BatchStats::default());
         }
+        // A slow CRM keeps the batch ours: the claims are renewed while it works.
+        let work = self.deliver_claimed(claimed);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                stats = &mut work => return stats,
+                _ = tokio::time::sleep(self.settings.lease / 3) => {
+                    self.store.renew_claims(&self.owner, self.settings.lease).await?;
+                }
+            }
+        }
+    }
+
+    async fn deliver_claimed(&self, claimed: Vec<Claimed>) -> anyhow::Result<BatchStats> {
+        let mut stats = BatchStats { claimed: claimed.len(), ..BatchStats::default() };
         let contributions: Vec<_> = claimed.iter().map(|row| &row.contribution).collect();
         let mut outcomes: Vec<Option<Delivery>> = vec![None; claimed.len()];
 

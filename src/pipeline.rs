@@ -88,8 +88,30 @@ async fn poll_pages(
     let mut cursor = if start.fresh { None } else { store.cursor(name).await? };
     loop {
         let request = PollRequest { cursor: cursor.clone(), since: start.since };
-        let page = source.poll(&request).await?;
-        let contributions: Vec<Contribution> = page.contributions.into_iter().map(|c| normalize(name, c)).collect();
+        // A slow fetch keeps the lease alive; the commit checks it is still ours.
+        let page = {
+            let fetch = source.poll(&request);
+            tokio::pin!(fetch);
+            loop {
+                tokio::select! {
+                    page = &mut fetch => break page?,
+                    _ = tokio::time::sleep(lease_ttl / 3) => {
+                        store.acquire_lease(lease_name, owner, lease_ttl).await?;
+                    }
+                }
+            }
+        };
+        // Enrichment is CPU work: off the async workers, which serve /healthz.
+        let source_name = name.to_owned();
+        let contributions: Vec<Contribution> = tokio::task::spawn_blocking(move || {
+            page.contributions.into_iter().map(|c| normalize(&source_name, c)).collect()
+        })
+        .await
+        .map_err(|error| crate::state::StateError::Other(format!("enrichment failed: {error}")))?;
+        if !store.acquire_lease(lease_name, owner, lease_ttl).await? {
+            // Lost to another poller: this page is theirs to commit.
+            return Err(PollError::Busy);
+        }
         for item in &page.quarantined {
             tracing::warn!(external_id = ?item.external_id, reason = %item.reason, "item quarantined");
         }
@@ -121,9 +143,6 @@ async fn poll_pages(
         }
         if !page.has_more || shutdown.is_cancelled() {
             break;
-        }
-        if !store.acquire_lease(lease_name, owner, lease_ttl).await? {
-            return Err(PollError::Busy);
         }
     }
     Ok(stats)

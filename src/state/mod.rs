@@ -135,6 +135,9 @@ pub trait StateStore: Send + Sync {
     /// Leases up to `limit` due rows to `owner` for `lease`.
     async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StateError>;
 
+    /// Extends the lease of every row `owner` has claimed (a batch in flight).
+    async fn renew_claims(&self, owner: &str, lease: Duration) -> Result<(), StateError>;
+
     /// Records how each claimed row ended, in one transaction.
     async fn finish(&self, owner: &str, finished: Vec<Finished>) -> Result<(), StateError>;
 

@@ -323,6 +323,19 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn renew_claims(&self, owner: &str, lease: Duration) -> Result<(), StateError> {
+        let owner = owner.to_owned();
+        self.with(move |conn| {
+            let until = now_ms() + lease.as_millis() as i64;
+            conn.execute(
+                "UPDATE outbox SET lease_until = ?2 WHERE lease_owner = ?1 AND status = 'pending'",
+                params![owner, until],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn finish(&self, owner: &str, finished: Vec<Finished>) -> Result<(), StateError> {
         let owner = owner.to_owned();
         self.with(move |conn| {
@@ -754,6 +767,27 @@ mod tests {
         assert!(
             store.claim("other", 10, Duration::from_secs(60)).await.unwrap().is_empty(),
             "leased rows are not claimed twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn renewed_claims_outlive_their_first_lease() {
+        let (_dir, store) = store();
+        store.commit_page("s", vec![item("9", "x")], vec![], None).await.unwrap();
+        store.claim("w", 10, Duration::from_millis(30)).await.unwrap();
+        store.renew_claims("w", Duration::from_secs(60)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(
+            store.claim("other", 10, Duration::from_secs(60)).await.unwrap().is_empty(),
+            "a renewed claim was taken"
+        );
+        store.commit_page("s", vec![item("8", "y")], vec![], None).await.unwrap();
+        store.claim("w", 10, Duration::from_millis(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(
+            store.claim("other", 10, Duration::from_secs(60)).await.unwrap().len(),
+            1,
+            "an expired claim is free"
         );
     }
 
