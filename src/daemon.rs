@@ -143,7 +143,10 @@ impl Generation {
 
 async fn check_crm_periodically(crm: Arc<dyn Crm>, health: Arc<Health>, cancel: CancellationToken) {
     loop {
-        let result = crm.check().await;
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = crm.check() => result,
+        };
         health.crm_result(result.err().map(|e| e.to_string()));
         tokio::select! {
             _ = cancel.cancelled() => return,
