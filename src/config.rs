@@ -224,6 +224,16 @@ pub enum SourceKind {
     Discourse(tributary_forums::discourse::DiscourseConfig),
     #[cfg(feature = "rss")]
     Rss(tributary_forums::rss::RssConfig),
+    #[cfg(feature = "github")]
+    Github(tributary_social::github::GitHubConfig),
+    #[cfg(feature = "hackernews")]
+    Hackernews(tributary_social::hackernews::HackerNewsConfig),
+    #[cfg(feature = "mastodon")]
+    Mastodon(tributary_social::mastodon::MastodonConfig),
+    #[cfg(feature = "stackexchange")]
+    Stackexchange(tributary_social::stackexchange::StackExchangeConfig),
+    #[cfg(feature = "youtube")]
+    Youtube(tributary_social::youtube::YoutubeConfig),
     Demo(tributary_demo::DemoConfig),
 }
 
@@ -232,6 +242,16 @@ const SOURCE_TYPES: &[&str] = &[
     "discourse",
     #[cfg(feature = "rss")]
     "rss",
+    #[cfg(feature = "github")]
+    "github",
+    #[cfg(feature = "hackernews")]
+    "hackernews",
+    #[cfg(feature = "mastodon")]
+    "mastodon",
+    #[cfg(feature = "stackexchange")]
+    "stackexchange",
+    #[cfg(feature = "youtube")]
+    "youtube",
     "demo",
 ];
 
@@ -251,6 +271,16 @@ impl SourceKind {
             SourceKind::Discourse(_) => "discourse",
             #[cfg(feature = "rss")]
             SourceKind::Rss(_) => "rss",
+            #[cfg(feature = "github")]
+            SourceKind::Github(_) => "github",
+            #[cfg(feature = "hackernews")]
+            SourceKind::Hackernews(_) => "hackernews",
+            #[cfg(feature = "mastodon")]
+            SourceKind::Mastodon(_) => "mastodon",
+            #[cfg(feature = "stackexchange")]
+            SourceKind::Stackexchange(_) => "stackexchange",
+            #[cfg(feature = "youtube")]
+            SourceKind::Youtube(_) => "youtube",
             SourceKind::Demo(_) => "demo",
         }
     }
@@ -562,6 +592,16 @@ impl<'a> Reader<'a> {
             "discourse" => self.section(index, &key, rest).map(SourceKind::Discourse),
             #[cfg(feature = "rss")]
             "rss" => self.section(index, &key, rest).map(SourceKind::Rss),
+            #[cfg(feature = "github")]
+            "github" => self.section(index, &key, rest).map(SourceKind::Github),
+            #[cfg(feature = "hackernews")]
+            "hackernews" => self.section(index, &key, rest).map(SourceKind::Hackernews),
+            #[cfg(feature = "mastodon")]
+            "mastodon" => self.section(index, &key, rest).map(SourceKind::Mastodon),
+            #[cfg(feature = "stackexchange")]
+            "stackexchange" => self.section(index, &key, rest).map(SourceKind::Stackexchange),
+            #[cfg(feature = "youtube")]
+            "youtube" => self.section(index, &key, rest).map(SourceKind::Youtube),
             "demo" => self.section(index, &key, rest).map(SourceKind::Demo),
             other => {
                 self.unknown_type(kind_span, &format!("{key}.type"), other, SOURCE_TYPES);

@@ -20,7 +20,18 @@ fn user_agent() -> String {
     concat!("tributary/", env!("CARGO_PKG_VERSION"), " (+community-to-CRM sync)").to_owned()
 }
 
-#[cfg_attr(not(any(feature = "discourse", feature = "rss")), allow(unused_variables))]
+#[cfg_attr(
+    not(any(
+        feature = "discourse",
+        feature = "rss",
+        feature = "github",
+        feature = "hackernews",
+        feature = "mastodon",
+        feature = "stackexchange",
+        feature = "youtube"
+    )),
+    allow(unused_variables)
+)]
 pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn Source>> {
     let http = HttpOptions {
         user_agent: user_agent(),
@@ -37,6 +48,31 @@ pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn
         #[cfg(feature = "rss")]
         SourceKind::Rss(c) => Arc::new(
             tributary_forums::rss::RssSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "github")]
+        SourceKind::Github(c) => Arc::new(
+            tributary_social::github::GitHubSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "hackernews")]
+        SourceKind::Hackernews(c) => Arc::new(
+            tributary_social::hackernews::HackerNewsSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "mastodon")]
+        SourceKind::Mastodon(c) => Arc::new(
+            tributary_social::mastodon::MastodonSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "stackexchange")]
+        SourceKind::Stackexchange(c) => Arc::new(
+            tributary_social::stackexchange::StackExchangeSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "youtube")]
+        SourceKind::Youtube(c) => Arc::new(
+            tributary_social::youtube::YoutubeSource::new(name, c.clone(), http)
                 .with_context(|| format!("cannot build source `{name}`"))?,
         ),
         SourceKind::Demo(c) => Arc::new(tributary_demo::DemoSource::new(name, c.clone())),

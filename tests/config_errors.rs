@@ -69,3 +69,35 @@ fn a_good_config_checks_clean() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("configuration is valid"));
 }
+
+/// Every source type: a minimal table checks clean, and a misspelled key in
+/// it is reported with its line, key and hint.
+#[test]
+fn every_source_type_is_checked_with_line_and_hint() {
+    let sources: &[(&str, &str)] = &[
+        ("discourse", "base_url = \"https://forum.example.com\""),
+        ("rss", "url = \"https://blog.example.com/feed\""),
+        ("github", "repos = [\"acme/widgets\"]"),
+        ("hackernews", "terms = [\"acme\"]"),
+        ("mastodon", "base_url = \"https://mastodon.example\"\nhashtags = [\"acme\"]"),
+        ("stackexchange", "site = \"stackoverflow\"\ntags = [\"acme\"]"),
+        ("youtube", "api_key = { env = \"TEST_YOUTUBE_KEY\" }\nvideo_ids = [\"abc\"]"),
+    ];
+    for (kind, fields) in sources {
+        let table = format!("[sources.s]\ntype = \"{kind}\"\nschedule = \"every 5m\"\n{fields}\n");
+        let good = GOOD.replace("[sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n", &table);
+        let setup = Setup::new();
+        setup.write_config(&good);
+        let output = setup.run(&["check"], &[("TEST_YOUTUBE_KEY", "k")]);
+        assert!(output.status.success(), "{kind}: {}", String::from_utf8_lossy(&output.stderr));
+
+        let line = good.lines().count() + 1;
+        setup.write_config(&format!("{good}colour = \"blue\"\n"));
+        let output = setup.run(&["check"], &[("TEST_YOUTUBE_KEY", "k")]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{kind}: {stderr}");
+        let expected = format!("config.toml:{line}:1: `sources.s.colour`: unknown field `colour`");
+        assert!(stderr.contains(&expected), "{kind}: expected {expected:?} in\n{stderr}");
+        assert!(stderr.contains("hint:"), "{kind}: {stderr}");
+    }
+}

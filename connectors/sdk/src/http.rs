@@ -353,8 +353,19 @@ fn server_wait(headers: &HeaderMap) -> Option<Duration> {
 /// time (GitHub, X); a value past 10^9 can only be the latter.
 fn reset_wait(headers: &HeaderMap) -> Option<Duration> {
     const RESET: [&str; 3] = ["x-ratelimit-reset", "ratelimit-reset", "x-rate-limit-reset"];
-    let value = RESET.iter().find_map(|name| header_f64(headers, name))?;
-    let wait = if value > 1e9 { value - chrono::Utc::now().timestamp() as f64 } else { value };
+    // Mastodon sends an RFC 3339 timestamp instead.
+    let timestamp = || {
+        RESET.iter().find_map(|name| {
+            let text = headers.get(*name)?.to_str().ok()?;
+            let at = chrono::DateTime::parse_from_rfc3339(text.trim()).ok()?;
+            Some((at.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds() as f64 / 1000.0)
+        })
+    };
+    let wait = match RESET.iter().find_map(|name| header_f64(headers, name)) {
+        Some(value) if value > 1e9 => value - chrono::Utc::now().timestamp() as f64,
+        Some(value) => value,
+        None => timestamp()?,
+    };
     Some(seconds(wait))
 }
 
@@ -552,5 +563,9 @@ mod tests {
         headers.insert("x-ratelimit-reset", later.to_string().parse().unwrap());
         let wait = reset_wait(&headers).unwrap().as_secs();
         assert!((98..=100).contains(&wait), "{wait}");
+        let at = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+        headers.insert("x-ratelimit-reset", at.parse().unwrap());
+        let wait = reset_wait(&headers).unwrap().as_secs();
+        assert!((58..=60).contains(&wait), "an RFC 3339 reset (Mastodon): {wait}");
     }
 }
