@@ -1,0 +1,1 @@
+//! Not written yet: the feature compiles to nothing.
