@@ -232,6 +232,8 @@ pub enum SourceKind {
     Mastodon(tributary_social::mastodon::MastodonConfig),
     #[cfg(feature = "stackexchange")]
     Stackexchange(tributary_social::stackexchange::StackExchangeConfig),
+    #[cfg(feature = "x")]
+    X(tributary_social::x::XConfig),
     #[cfg(feature = "youtube")]
     Youtube(tributary_social::youtube::YoutubeConfig),
     Demo(tributary_demo::DemoConfig),
@@ -250,6 +252,8 @@ const SOURCE_TYPES: &[&str] = &[
     "mastodon",
     #[cfg(feature = "stackexchange")]
     "stackexchange",
+    #[cfg(feature = "x")]
+    "x",
     #[cfg(feature = "youtube")]
     "youtube",
     "demo",
@@ -279,6 +283,8 @@ impl SourceKind {
             SourceKind::Mastodon(_) => "mastodon",
             #[cfg(feature = "stackexchange")]
             SourceKind::Stackexchange(_) => "stackexchange",
+            #[cfg(feature = "x")]
+            SourceKind::X(_) => "x",
             #[cfg(feature = "youtube")]
             SourceKind::Youtube(_) => "youtube",
             SourceKind::Demo(_) => "demo",
@@ -600,6 +606,8 @@ impl<'a> Reader<'a> {
             "mastodon" => self.section(index, &key, rest).map(SourceKind::Mastodon),
             #[cfg(feature = "stackexchange")]
             "stackexchange" => self.section(index, &key, rest).map(SourceKind::Stackexchange),
+            #[cfg(feature = "x")]
+            "x" => self.section(index, &key, rest).map(SourceKind::X),
             #[cfg(feature = "youtube")]
             "youtube" => self.section(index, &key, rest).map(SourceKind::Youtube),
             "demo" => self.section(index, &key, rest).map(SourceKind::Demo),

@@ -28,6 +28,7 @@ fn user_agent() -> String {
         feature = "hackernews",
         feature = "mastodon",
         feature = "stackexchange",
+        feature = "x",
         feature = "youtube"
     )),
     allow(unused_variables)
@@ -68,6 +69,11 @@ pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn
         #[cfg(feature = "stackexchange")]
         SourceKind::Stackexchange(c) => Arc::new(
             tributary_social::stackexchange::StackExchangeSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "x")]
+        SourceKind::X(c) => Arc::new(
+            tributary_social::x::XSource::new(name, c.clone(), http)
                 .with_context(|| format!("cannot build source `{name}`"))?,
         ),
         #[cfg(feature = "youtube")]

@@ -81,6 +81,7 @@ fn every_source_type_is_checked_with_line_and_hint() {
         ("hackernews", "terms = [\"acme\"]"),
         ("mastodon", "base_url = \"https://mastodon.example\"\nhashtags = [\"acme\"]"),
         ("stackexchange", "site = \"stackoverflow\"\ntags = [\"acme\"]"),
+        ("x", "bearer_token = { env = \"TEST_YOUTUBE_KEY\" }\nquery = \"acme -is:retweet\""),
         ("youtube", "api_key = { env = \"TEST_YOUTUBE_KEY\" }\nvideo_ids = [\"abc\"]"),
     ];
     for (kind, fields) in sources {
