@@ -224,6 +224,8 @@ pub enum SourceKind {
     Discourse(tributary_forums::discourse::DiscourseConfig),
     #[cfg(feature = "rss")]
     Rss(tributary_forums::rss::RssConfig),
+    #[cfg(feature = "bluesky")]
+    Bluesky(tributary_social::bluesky::BlueskyConfig),
     #[cfg(feature = "github")]
     Github(tributary_social::github::GitHubConfig),
     #[cfg(feature = "hackernews")]
@@ -244,6 +246,8 @@ const SOURCE_TYPES: &[&str] = &[
     "discourse",
     #[cfg(feature = "rss")]
     "rss",
+    #[cfg(feature = "bluesky")]
+    "bluesky",
     #[cfg(feature = "github")]
     "github",
     #[cfg(feature = "hackernews")]
@@ -275,6 +279,8 @@ impl SourceKind {
             SourceKind::Discourse(_) => "discourse",
             #[cfg(feature = "rss")]
             SourceKind::Rss(_) => "rss",
+            #[cfg(feature = "bluesky")]
+            SourceKind::Bluesky(_) => "bluesky",
             #[cfg(feature = "github")]
             SourceKind::Github(_) => "github",
             #[cfg(feature = "hackernews")]
@@ -598,6 +604,8 @@ impl<'a> Reader<'a> {
             "discourse" => self.section(index, &key, rest).map(SourceKind::Discourse),
             #[cfg(feature = "rss")]
             "rss" => self.section(index, &key, rest).map(SourceKind::Rss),
+            #[cfg(feature = "bluesky")]
+            "bluesky" => self.section(index, &key, rest).map(SourceKind::Bluesky),
             #[cfg(feature = "github")]
             "github" => self.section(index, &key, rest).map(SourceKind::Github),
             #[cfg(feature = "hackernews")]

@@ -24,6 +24,7 @@ fn user_agent() -> String {
     not(any(
         feature = "discourse",
         feature = "rss",
+        feature = "bluesky",
         feature = "github",
         feature = "hackernews",
         feature = "mastodon",
@@ -49,6 +50,11 @@ pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn
         #[cfg(feature = "rss")]
         SourceKind::Rss(c) => Arc::new(
             tributary_forums::rss::RssSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "bluesky")]
+        SourceKind::Bluesky(c) => Arc::new(
+            tributary_social::bluesky::BlueskySource::new(name, c.clone(), http)
                 .with_context(|| format!("cannot build source `{name}`"))?,
         ),
         #[cfg(feature = "github")]

@@ -77,6 +77,10 @@ fn every_source_type_is_checked_with_line_and_hint() {
     let sources: &[(&str, &str)] = &[
         ("discourse", "base_url = \"https://forum.example.com\""),
         ("rss", "url = \"https://blog.example.com/feed\""),
+        (
+            "bluesky",
+            "identifier = \"acme.example\"\napp_password = { env = \"TEST_YOUTUBE_KEY\" }\nsearch_terms = [\"acme\"]",
+        ),
         ("github", "repos = [\"acme/widgets\"]"),
         ("hackernews", "terms = [\"acme\"]"),
         ("mastodon", "base_url = \"https://mastodon.example\"\nhashtags = [\"acme\"]"),
