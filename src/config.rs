@@ -232,6 +232,8 @@ pub enum SourceKind {
     Hackernews(tributary_social::hackernews::HackerNewsConfig),
     #[cfg(feature = "mastodon")]
     Mastodon(tributary_social::mastodon::MastodonConfig),
+    #[cfg(feature = "reddit")]
+    Reddit(tributary_social::reddit::RedditConfig),
     #[cfg(feature = "stackexchange")]
     Stackexchange(tributary_social::stackexchange::StackExchangeConfig),
     #[cfg(feature = "x")]
@@ -254,6 +256,8 @@ const SOURCE_TYPES: &[&str] = &[
     "hackernews",
     #[cfg(feature = "mastodon")]
     "mastodon",
+    #[cfg(feature = "reddit")]
+    "reddit",
     #[cfg(feature = "stackexchange")]
     "stackexchange",
     #[cfg(feature = "x")]
@@ -287,6 +291,8 @@ impl SourceKind {
             SourceKind::Hackernews(_) => "hackernews",
             #[cfg(feature = "mastodon")]
             SourceKind::Mastodon(_) => "mastodon",
+            #[cfg(feature = "reddit")]
+            SourceKind::Reddit(_) => "reddit",
             #[cfg(feature = "stackexchange")]
             SourceKind::Stackexchange(_) => "stackexchange",
             #[cfg(feature = "x")]
@@ -612,6 +618,8 @@ impl<'a> Reader<'a> {
             "hackernews" => self.section(index, &key, rest).map(SourceKind::Hackernews),
             #[cfg(feature = "mastodon")]
             "mastodon" => self.section(index, &key, rest).map(SourceKind::Mastodon),
+            #[cfg(feature = "reddit")]
+            "reddit" => self.section(index, &key, rest).map(SourceKind::Reddit),
             #[cfg(feature = "stackexchange")]
             "stackexchange" => self.section(index, &key, rest).map(SourceKind::Stackexchange),
             #[cfg(feature = "x")]

@@ -28,6 +28,7 @@ fn user_agent() -> String {
         feature = "github",
         feature = "hackernews",
         feature = "mastodon",
+        feature = "reddit",
         feature = "stackexchange",
         feature = "x",
         feature = "youtube"
@@ -70,6 +71,11 @@ pub fn build_source(name: &str, config: &SourceConfig) -> anyhow::Result<Arc<dyn
         #[cfg(feature = "mastodon")]
         SourceKind::Mastodon(c) => Arc::new(
             tributary_social::mastodon::MastodonSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "reddit")]
+        SourceKind::Reddit(c) => Arc::new(
+            tributary_social::reddit::RedditSource::new(name, c.clone(), http)
                 .with_context(|| format!("cannot build source `{name}`"))?,
         ),
         #[cfg(feature = "stackexchange")]

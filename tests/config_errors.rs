@@ -84,6 +84,10 @@ fn every_source_type_is_checked_with_line_and_hint() {
         ("github", "repos = [\"acme/widgets\"]"),
         ("hackernews", "terms = [\"acme\"]"),
         ("mastodon", "base_url = \"https://mastodon.example\"\nhashtags = [\"acme\"]"),
+        (
+            "reddit",
+            "client_id = \"abc\"\nclient_secret = { env = \"TEST_YOUTUBE_KEY\" }\nuser_agent = \"linux:acme-tributary:1.0 (by /u/acme)\"\nsubreddits = [\"acme\"]",
+        ),
         ("stackexchange", "site = \"stackoverflow\"\ntags = [\"acme\"]"),
         ("x", "bearer_token = { env = \"TEST_YOUTUBE_KEY\" }\nquery = \"acme -is:retweet\""),
         ("youtube", "api_key = { env = \"TEST_YOUTUBE_KEY\" }\nvideo_ids = [\"abc\"]"),

@@ -39,9 +39,11 @@
 //!   title = `link_title`). `external_id` is the fullname (`name`).
 //! - `edited` is `false` or the epoch time (a float) of the last edit
 //!   (recorded in PRAW's cassettes, `comment_edit_ratelimit.json`).
-//! - Deleted and removed items keep their place with the author `[deleted]`
-//!   or the text `[deleted]`/`[removed]` (`deleted_comment_info.json`): they
-//!   are returned with `deleted = true`, an empty body and no author.
+//! - Deleted and removed items keep their place with the text
+//!   `[deleted]`/`[removed]` (`deleted_comment_info.json`): they are
+//!   returned with `deleted = true` and an empty body. An author `[deleted]`
+//!   (a deleted account) gives an empty author, attached to no contact,
+//!   while the text stays.
 //! - Authentication is OAuth2 "application only": `POST /api/v1/access_token`
 //!   with HTTP Basic `client_id:client_secret` and
 //!   `grant_type=client_credentials` answers a bearer token valid
