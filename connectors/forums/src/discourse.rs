@@ -431,16 +431,7 @@ impl Source for DiscourseSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let stored = match &request.cursor {
-            Some(cursor) => {
-                let decoded = cursor.to_json::<DiscourseCursor>();
-                if decoded.is_none() {
-                    tracing::warn!(source = %self.instance, "unreadable discourse cursor; starting over");
-                }
-                decoded
-            }
-            None => None,
-        };
+        let stored = request.stored::<DiscourseCursor>();
         let first_pass = stored.is_none();
         let DiscourseCursor { watermark, pass } = stored.unwrap_or_default();
         let before = pass.as_ref().map(|pass| pass.before);

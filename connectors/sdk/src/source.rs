@@ -26,6 +26,17 @@ impl Cursor {
     }
 }
 
+/// The connector state a cursor holds: `None` when there is none yet, and
+/// for a cursor that no longer parses (an older format), which is logged;
+/// the connector then starts over as on a first poll.
+pub fn decode_cursor<T: for<'de> Deserialize<'de>>(cursor: Option<&Cursor>) -> Option<T> {
+    let decoded = cursor?.to_json();
+    if decoded.is_none() {
+        tracing::warn!("unreadable cursor; starting over");
+    }
+    decoded
+}
+
 /// One call to [`Source::poll`].
 #[derive(Debug, Clone, Default)]
 pub struct PollRequest {
@@ -53,6 +64,13 @@ impl Quarantined {
             end -= 1;
         }
         Quarantined { external_id, reason: reason.into(), raw: raw[..end].to_owned() }
+    }
+}
+
+impl PollRequest {
+    /// The connector state of [`PollRequest::cursor`]; see [`decode_cursor`].
+    pub fn stored<T: for<'de> Deserialize<'de>>(&self) -> Option<T> {
+        decode_cursor(self.cursor.as_ref())
     }
 }
 

@@ -679,13 +679,7 @@ impl Source for BlueskySource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let mut cursor = match &request.cursor {
-            Some(stored) => stored.to_json::<BlueskyCursor>().unwrap_or_else(|| {
-                tracing::warn!(source = %self.instance, "unreadable bluesky cursor; starting over");
-                BlueskyCursor::default()
-            }),
-            None => BlueskyCursor::default(),
-        };
+        let mut cursor: BlueskyCursor = request.stored().unwrap_or_default();
         let streams = self.streams();
         let index = if cursor.at < streams.len() { cursor.at } else { 0 };
         let Some(&stream) = streams.get(index) else {

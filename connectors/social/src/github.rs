@@ -707,13 +707,7 @@ impl Source for GitHubSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let mut cursor = match &request.cursor {
-            Some(stored) => stored.to_json::<GitHubCursor>().unwrap_or_else(|| {
-                tracing::warn!(source = %self.instance, "unreadable github cursor; starting over");
-                GitHubCursor::default()
-            }),
-            None => GitHubCursor::default(),
-        };
+        let mut cursor: GitHubCursor = request.stored().unwrap_or_default();
         // Repositories no longer configured are forgotten.
         cursor.repos.retain(|key, _| self.repos.iter().any(|repo| repo.key() == *key));
         cursor.since = request.since.or(cursor.since);

@@ -360,11 +360,7 @@ impl HackerNewsSource {
     }
 
     fn decode(&self, cursor: Option<&Cursor>) -> HnCursor {
-        let Some(cursor) = cursor else { return HnCursor::default() };
-        cursor.to_json::<HnCursor>().unwrap_or_else(|| {
-            tracing::warn!(source = %self.instance, "unreadable hackernews cursor; starting over");
-            HnCursor::default()
-        })
+        tributary_sdk::source::decode_cursor(cursor).unwrap_or_default()
     }
 
     /// The cursor after a page: the configured searches only, in order.

@@ -557,11 +557,7 @@ impl MastodonSource {
     }
 
     fn decode_cursor(&self, cursor: Option<&Cursor>) -> MastodonCursor {
-        let Some(cursor) = cursor else { return MastodonCursor::default() };
-        cursor.to_json::<MastodonCursor>().unwrap_or_else(|| {
-            tracing::warn!(source = %self.instance, "unreadable mastodon cursor; starting over");
-            MastodonCursor::default()
-        })
+        tributary_sdk::source::decode_cursor(cursor).unwrap_or_default()
     }
 }
 

@@ -531,13 +531,7 @@ impl Source for RedditSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let mut cursor = match &request.cursor {
-            Some(cursor) => cursor.to_json::<RedditCursor>().unwrap_or_else(|| {
-                tracing::warn!(source = %self.instance, "unreadable reddit cursor; starting over");
-                RedditCursor::default()
-            }),
-            None => RedditCursor::default(),
-        };
+        let mut cursor: RedditCursor = request.stored().unwrap_or_default();
         let index = cursor
             .next
             .as_ref()

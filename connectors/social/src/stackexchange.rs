@@ -885,16 +885,7 @@ impl Source for StackExchangeSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let stored = match &request.cursor {
-            Some(cursor) => {
-                let decoded = cursor.to_json::<StackExchangeCursor>();
-                if decoded.is_none() {
-                    tracing::warn!(source = %self.instance, "unreadable stackexchange cursor; starting over");
-                }
-                decoded
-            }
-            None => None,
-        };
+        let stored = request.stored::<StackExchangeCursor>();
         let mut cursor = stored.unwrap_or_default();
         let tags = &self.config.tags;
         let (tag, pages_before) = match &cursor.pass {

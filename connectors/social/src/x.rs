@@ -486,13 +486,7 @@ impl Source for XSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let decoded = request.cursor.as_ref().and_then(|cursor| {
-            let decoded = cursor.to_json::<XCursor>();
-            if decoded.is_none() {
-                tracing::warn!(source = %self.instance, "unreadable x cursor; starting over");
-            }
-            decoded
-        });
+        let decoded = request.stored::<XCursor>();
         let mut cursor = decoded.unwrap_or_else(|| {
             let fresh = StreamCursor { since: request.since, ..StreamCursor::default() };
             XCursor { mentions: fresh.clone(), search: fresh, next: None }

@@ -655,13 +655,7 @@ impl Source for YoutubeSource {
     }
 
     async fn poll(&self, request: &PollRequest) -> Result<Page, SourceError> {
-        let mut cursor = match &request.cursor {
-            Some(cursor) => cursor.to_json::<YoutubeCursor>().unwrap_or_else(|| {
-                tracing::warn!(source = %self.instance, "unreadable youtube cursor; starting over");
-                YoutubeCursor::default()
-            }),
-            None => YoutubeCursor::default(),
-        };
+        let mut cursor: YoutubeCursor = request.stored().unwrap_or_default();
         // Streams removed from the configuration are forgotten.
         let keys: Vec<String> = self.streams.iter().map(Stream::key).collect();
         cursor.streams.retain(|key, _| keys.contains(key));
