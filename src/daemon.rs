@@ -110,7 +110,7 @@ impl Generation {
         owner: &str,
     ) -> anyhow::Result<Generation> {
         let crm = registry::build_crm(&config.crm)?;
-        let sources = registry::build_sources(config)?;
+        let sources = registry::build_sources(config, store.clone())?;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let wake = Arc::new(Notify::new());
@@ -270,7 +270,8 @@ async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
             println!("crm ({}): FAILED: {error}", crm.kind());
         }
     }
-    for built in registry::build_sources(config)? {
+    let tokens: Arc<dyn tributary_sdk::TokenStore> = Arc::new(tributary_sdk::MemoryTokenStore::default());
+    for built in registry::build_sources(config, tokens)? {
         match built.source.check().await {
             Ok(()) => println!("source {} ({}): ok", built.name, built.source.platform()),
             Err(error) => {
@@ -301,7 +302,9 @@ async fn sync(
         let known: Vec<_> = config.sources.keys().cloned().collect();
         bail!("no source named `{name}` (configured: {})", known.join(", "));
     };
-    let source = registry::build_source(name, source_config)?;
+    let store = open_store(config)?;
+    let services = registry::SourceServices::new(store.clone(), &[(name, source_config)]);
+    let source = registry::build_source(name, source_config, &services)?;
     // `--since` is a backfill that ignores the cursor; the config's `since`
     // only bounds a first poll.
     let start = pipeline::Start { since: since.or(source_config.common.since.map(|s| s.0)), fresh: since.is_some() };
@@ -314,7 +317,6 @@ async fn sync(
 
     if dry_run {
         // Start where the daemon would, store nothing, print what would go out.
-        let store = open_store(config)?;
         let mut cursor = if start.fresh { None } else { store.cursor(name).await? };
         let mut stdout = std::io::stdout().lock();
         let mut count = 0u64;
@@ -342,7 +344,6 @@ async fn sync(
         return Ok(());
     }
 
-    let store = open_store(config)?;
     release_dead_owners(&*store).await?;
     let owner = owner_id();
     let cancel = CancellationToken::new();

@@ -114,8 +114,9 @@ pub struct Totals {
     pub identities: u64,
 }
 
+/// The token store of OAuth2 connectors is the state store: tokens outlive a restart.
 #[async_trait]
-pub trait StateStore: Send + Sync {
+pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     /// Cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), StateError>;
 
@@ -129,6 +130,21 @@ pub trait StateStore: Send + Sync {
         source: &str,
         contributions: Vec<Contribution>,
         quarantined: Vec<Quarantined>,
+        cursor: Option<Cursor>,
+    ) -> Result<CommitStats, StateError>;
+
+    /// The cursor of an unfinished backfill of `source` from `since`
+    /// (`sync --since`); a backfill from another date starts afresh.
+    async fn backfill_cursor(&self, source: &str, since: Option<DateTime<Utc>>) -> Result<Option<Cursor>, StateError>;
+
+    /// As [`StateStore::commit_page`], but the cursor moves in the backfill
+    /// slot of `source`: the live cursor stays where the daemon left it.
+    async fn commit_backfill_page(
+        &self,
+        source: &str,
+        contributions: Vec<Contribution>,
+        quarantined: Vec<Quarantined>,
+        since: Option<DateTime<Utc>>,
         cursor: Option<Cursor>,
     ) -> Result<CommitStats, StateError>;
 

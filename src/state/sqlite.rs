@@ -9,7 +9,8 @@ use std::{
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup};
+use secrecy::ExposeSecret;
+use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup, StoredToken, TokenStore, TokenStoreError};
 
 use super::{Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals};
 
@@ -106,7 +107,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_finished ON outbox (status, finished_at);
     CREATE INDEX outbox_by_source ON outbox (source, status);
     ",
+    // 4: OAuth2 tokens outlive a restart (the database file is 0600); a
+    // backfill (`sync --since`) keeps its own cursor beside the live one.
+    "
+    CREATE TABLE oauth_tokens (
+        key TEXT PRIMARY KEY,
+        access_token TEXT NOT NULL,
+        refresh_token TEXT,
+        expires_at INTEGER,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE backfill_cursors (
+        source TEXT PRIMARY KEY,
+        since INTEGER,
+        cursor TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    ",
 ];
+
+/// Where a committed page moves its cursor.
+enum Slot {
+    Live(Option<Cursor>),
+    Backfill { since: Option<DateTime<Utc>>, cursor: Option<Cursor> },
+}
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -127,6 +151,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StateError::Other(format!("cannot create {}: {e}", dir.display())))?;
         }
+        restrict_to_owner(path)?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -136,6 +161,72 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn commit(
+        &self,
+        source: &str,
+        contributions: Vec<Contribution>,
+        quarantined: Vec<Quarantined>,
+        slot: Slot,
+    ) -> Result<CommitStats, StateError> {
+        let source = source.to_owned();
+        self.with(move |conn| {
+            let now = now_ms();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut stats = CommitStats::default();
+            let mut newest: Option<i64> = None;
+            for contribution in &contributions {
+                newest = newest.max(Some(contribution.created_at.timestamp_millis()));
+                match store_contribution(&tx, &source, contribution, now)? {
+                    None => stats.unchanged += 1,
+                    Some(false) => stats.new += 1,
+                    Some(true) => stats.updated += 1,
+                }
+            }
+            for item in &quarantined {
+                let fingerprint = tributary_sdk::model::short_hash(&format!(
+                    "{}\u{0}{}\u{0}{}",
+                    item.external_id.as_deref().unwrap_or(""),
+                    item.reason,
+                    item.raw
+                ));
+                tx.execute(
+                    "INSERT INTO quarantine (source, external_id, reason, raw, at, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (source, fingerprint) DO UPDATE SET at = excluded.at",
+                    params![source, item.external_id, item.reason, item.raw, now, fingerprint],
+                )?;
+                stats.quarantined += 1;
+            }
+            match slot {
+                Slot::Live(Some(cursor)) => {
+                    tx.execute(
+                        "INSERT INTO cursors (source, cursor, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
+                        params![source, cursor.0, now],
+                    )?;
+                }
+                Slot::Backfill { since, cursor: Some(cursor) } => {
+                    tx.execute(
+                        "INSERT INTO backfill_cursors (source, since, cursor, updated_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (source) DO UPDATE
+                         SET since = excluded.since, cursor = excluded.cursor, updated_at = excluded.updated_at",
+                        params![source, since.map(|s| s.timestamp_millis()), cursor.0, now],
+                    )?;
+                }
+                Slot::Live(None) | Slot::Backfill { cursor: None, .. } => {}
+            }
+            if let Some(newest) = newest {
+                tx.execute(
+                    "INSERT INTO source_polls (source, newest_item_at) VALUES (?1, ?2)
+                     ON CONFLICT (source) DO UPDATE SET newest_item_at = MAX(COALESCE(newest_item_at, 0), excluded.newest_item_at)",
+                    params![source, newest],
+                )?;
+            }
+            tx.commit()?;
+            Ok(stats)
+        })
+        .await
     }
 
     async fn with<T, F>(&self, work: F) -> Result<T, StateError>
@@ -151,6 +242,21 @@ impl SqliteStore {
         .await
         .map_err(|e| StateError::Other(format!("state task failed: {e}")))?
     }
+}
+
+/// The database holds OAuth2 tokens: it is created readable by its owner
+/// only (SQLite gives its -wal and -shm files the same mode), and an older
+/// one is tightened.
+fn restrict_to_owner(path: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |e: std::io::Error| StateError::Other(format!("cannot open {}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(failed)?;
+    let mode = file.metadata().map_err(failed)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "state store readable by others; restricting it to its owner");
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StateError> {
@@ -212,6 +318,49 @@ fn store_contribution(
 }
 
 #[async_trait]
+impl TokenStore for SqliteStore {
+    async fn load_token(&self, key: &str) -> Result<Option<StoredToken>, TokenStoreError> {
+        let key = key.to_owned();
+        self.with(move |conn| {
+            let row: Option<(String, Option<String>, Option<i64>)> = conn
+                .query_row(
+                    "SELECT access_token, refresh_token, expires_at FROM oauth_tokens WHERE key = ?1",
+                    [&key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            Ok(row.map(|(access, refresh, expires_at)| StoredToken {
+                access_token: access.into(),
+                refresh_token: refresh.map(Into::into),
+                expires_at: expires_at.map(from_ms),
+            }))
+        })
+        .await
+        .map_err(|error| TokenStoreError(error.to_string()))
+    }
+
+    async fn save_token(&self, key: &str, token: &StoredToken) -> Result<(), TokenStoreError> {
+        let key = key.to_owned();
+        let access = token.access_token.expose_secret().to_owned();
+        let refresh = token.refresh_token.as_ref().map(|t| t.expose_secret().to_owned());
+        let expires_at = token.expires_at.map(|at| at.timestamp_millis());
+        self.with(move |conn| {
+            conn.execute(
+                "INSERT INTO oauth_tokens (key, access_token, refresh_token, expires_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET access_token = excluded.access_token,
+                   refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+                   updated_at = excluded.updated_at",
+                params![key, access, refresh, expires_at, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+        .map_err(|error| TokenStoreError(error.to_string()))
+    }
+}
+
+#[async_trait]
 impl StateStore for SqliteStore {
     async fn ping(&self) -> Result<(), StateError> {
         self.with(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
@@ -234,52 +383,33 @@ impl StateStore for SqliteStore {
         quarantined: Vec<Quarantined>,
         cursor: Option<Cursor>,
     ) -> Result<CommitStats, StateError> {
+        self.commit(source, contributions, quarantined, Slot::Live(cursor)).await
+    }
+
+    async fn backfill_cursor(&self, source: &str, since: Option<DateTime<Utc>>) -> Result<Option<Cursor>, StateError> {
         let source = source.to_owned();
         self.with(move |conn| {
-            let now = now_ms();
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut stats = CommitStats::default();
-            let mut newest: Option<i64> = None;
-            for contribution in &contributions {
-                newest = newest.max(Some(contribution.created_at.timestamp_millis()));
-                match store_contribution(&tx, &source, contribution, now)? {
-                    None => stats.unchanged += 1,
-                    Some(false) => stats.new += 1,
-                    Some(true) => stats.updated += 1,
-                }
-            }
-            for item in &quarantined {
-                let fingerprint = tributary_sdk::model::short_hash(&format!(
-                    "{}\u{0}{}\u{0}{}",
-                    item.external_id.as_deref().unwrap_or(""),
-                    item.reason,
-                    item.raw
-                ));
-                tx.execute(
-                    "INSERT INTO quarantine (source, external_id, reason, raw, at, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (source, fingerprint) DO UPDATE SET at = excluded.at",
-                    params![source, item.external_id, item.reason, item.raw, now, fingerprint],
-                )?;
-                stats.quarantined += 1;
-            }
-            if let Some(cursor) = cursor {
-                tx.execute(
-                    "INSERT INTO cursors (source, cursor, updated_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (source) DO UPDATE SET cursor = excluded.cursor, updated_at = excluded.updated_at",
-                    params![source, cursor.0, now],
-                )?;
-            }
-            if let Some(newest) = newest {
-                tx.execute(
-                    "INSERT INTO source_polls (source, newest_item_at) VALUES (?1, ?2)
-                     ON CONFLICT (source) DO UPDATE SET newest_item_at = MAX(COALESCE(newest_item_at, 0), excluded.newest_item_at)",
-                    params![source, newest],
-                )?;
-            }
-            tx.commit()?;
-            Ok(stats)
+            let cursor: Option<String> = conn
+                .query_row(
+                    "SELECT cursor FROM backfill_cursors WHERE source = ?1 AND since IS ?2",
+                    params![source, since.map(|s| s.timestamp_millis())],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(cursor.map(Cursor))
         })
         .await
+    }
+
+    async fn commit_backfill_page(
+        &self,
+        source: &str,
+        contributions: Vec<Contribution>,
+        quarantined: Vec<Quarantined>,
+        since: Option<DateTime<Utc>>,
+        cursor: Option<Cursor>,
+    ) -> Result<CommitStats, StateError> {
+        self.commit(source, contributions, quarantined, Slot::Backfill { since, cursor }).await
     }
 
     async fn claim(&self, owner: &str, limit: usize, lease: Duration) -> Result<Vec<Claimed>, StateError> {
@@ -941,6 +1071,33 @@ mod tests {
         store.forget_contact("c1").await.unwrap();
         assert!(store.pending_rollups(10).await.unwrap().is_empty());
         assert_eq!(store.identity("forum:u1").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_kept_in_a_file_only_its_owner_reads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "an older file is tightened");
+        assert!(store.load_token("k").await.unwrap().is_none());
+        let expires_at = Some(from_ms(now_ms() + 3_600_000));
+        let token = StoredToken { access_token: "a1".into(), refresh_token: Some("r1".into()), expires_at };
+        store.save_token("k", &token).await.unwrap();
+        store.save_token("k", &StoredToken { access_token: "a2".into(), ..token }).await.unwrap();
+        drop(store);
+        let reopened = SqliteStore::open(&path).unwrap();
+        let loaded = reopened.load_token("k").await.unwrap().unwrap();
+        assert_eq!(loaded.access_token.expose_secret(), "a2");
+        assert_eq!(loaded.refresh_token.unwrap().expose_secret(), "r1");
+        assert_eq!(loaded.expires_at, expires_at);
+        for file in ["state.db-wal", "state.db-shm"] {
+            if let Ok(meta) = std::fs::metadata(dir.path().join(file)) {
+                assert_eq!(meta.permissions().mode() & 0o077, 0, "{file} is readable by others");
+            }
+        }
     }
 
     #[tokio::test]

@@ -94,6 +94,16 @@ pub enum CrmError {
     Io(String),
 }
 
+impl From<crate::oauth::OAuthError> for CrmError {
+    fn from(error: crate::oauth::OAuthError) -> CrmError {
+        match error {
+            crate::oauth::OAuthError::Http(error) => CrmError::Http(error),
+            refused @ crate::oauth::OAuthError::Refused { .. } => CrmError::Auth(refused.to_string()),
+            decode @ crate::oauth::OAuthError::Decode { .. } => CrmError::Decode(decode.to_string()),
+        }
+    }
+}
+
 impl CrmError {
     /// How long to wait at least before the next attempt, when the CRM said so.
     pub fn retry_after(&self) -> Option<Duration> {

@@ -42,6 +42,9 @@ pub struct HttpOptions {
     pub max_inline_wait: Duration,
     /// First backoff step; doubles each attempt, capped at 30 s, jittered.
     pub backoff_base: Duration,
+    /// A budget shared with other clients on the same credential; `None`
+    /// gives this client a budget of its own (at `requests_per_second`).
+    pub budget: Option<RateBudget>,
 }
 
 impl Default for HttpOptions {
@@ -54,6 +57,7 @@ impl Default for HttpOptions {
             max_body_bytes: 8 * 1024 * 1024,
             max_inline_wait: Duration::from_secs(60),
             backoff_base: Duration::from_millis(500),
+            budget: None,
         }
     }
 }
@@ -126,11 +130,41 @@ fn snippet(body: &[u8]) -> String {
 #[derive(Clone)]
 pub struct HttpClient {
     inner: reqwest::Client,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    /// No request leaves before this instant (set from Retry-After and
-    /// exhausted rate-limit headers).
-    gate: Arc<Mutex<Option<Instant>>>,
+    budget: RateBudget,
     options: HttpOptions,
+}
+
+/// The requests one credential may make: a client-side rate (governor) and
+/// a gate that no request passes before the instant the platform named
+/// (Retry-After, an exhausted or nearly exhausted remaining/reset pair).
+/// Clones share it, so every source on one token draws from one budget.
+#[derive(Clone)]
+pub struct RateBudget {
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    gate: Arc<Mutex<Option<Instant>>>,
+}
+
+impl std::fmt::Debug for RateBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateBudget").field("limited", &self.limiter.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl RateBudget {
+    /// `None` relies on the platform's headers alone.
+    pub fn new(requests_per_second: Option<NonZeroU32>) -> RateBudget {
+        let limiter = requests_per_second.map(|rate| Arc::new(RateLimiter::direct(Quota::per_second(rate))));
+        RateBudget { limiter, gate: Arc::new(Mutex::new(None)) }
+    }
+
+    /// Whether two handles draw from the same budget.
+    pub fn same_as(&self, other: &RateBudget) -> bool {
+        Arc::ptr_eq(&self.gate, &other.gate)
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -164,12 +198,24 @@ impl HttpClient {
             .gzip(true)
             .build()
             .map_err(|error| HttpError::Request(error.without_url().to_string()))?;
-        let limiter = options.requests_per_second.map(|rate| Arc::new(RateLimiter::direct(Quota::per_second(rate))));
-        Ok(HttpClient { inner, limiter, gate: Arc::new(Mutex::new(None)), options })
+        let budget = options.budget.clone().unwrap_or_else(|| RateBudget::new(options.requests_per_second));
+        Ok(HttpClient { inner, budget, options })
     }
 
     pub fn options(&self) -> &HttpOptions {
         &self.options
+    }
+
+    /// No request on this client's budget (every client sharing it) for
+    /// `wait`: for limits a connector reads itself (a body's `backoff`, a
+    /// rate-limited 403).
+    pub fn hold(&self, wait: Duration) {
+        self.close_gate_for(wait.min(MAX_SERVER_WAIT));
+    }
+
+    /// How long the budget still holds every request, if it does.
+    pub fn held_for(&self) -> Option<Duration> {
+        self.gate_remaining().filter(|left| !left.is_zero())
     }
 
     pub fn get(&self, url: impl reqwest::IntoUrl) -> RequestBuilder {
@@ -200,7 +246,7 @@ impl HttpClient {
                 return Err(HttpError::RateLimited { target, retry_after: remaining, body: String::new() });
             }
             self.wait_for_gate().await;
-            if let Some(limiter) = &self.limiter {
+            if let Some(limiter) = &self.budget.limiter {
                 limiter.until_ready().await;
             }
             let Some(this_try) = request.try_clone() else {
@@ -284,7 +330,7 @@ impl HttpClient {
 
     async fn wait_for_gate(&self) {
         loop {
-            let until = *self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let until = *self.budget.gate();
             match until {
                 Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
                 _ => return,
@@ -293,31 +339,48 @@ impl HttpClient {
     }
 
     fn gate_remaining(&self) -> Option<Duration> {
-        let until = (*self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?;
+        let until = (*self.budget.gate())?;
         until.checked_duration_since(Instant::now())
     }
 
     fn close_gate_for(&self, wait: Duration) {
         let until = Instant::now() + wait;
-        let mut gate = self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut gate = self.budget.gate();
         if gate.is_none_or(|current| current < until) {
             *gate = Some(until);
         }
     }
 
-    /// When a success says the budget is spent, wait for its reset before
-    /// the next request instead of provoking a 429.
+    /// Adapts the budget to what the platform says is left of it: spent
+    /// means no request before the reset; under a quarter left spreads the
+    /// rest evenly over the time to the reset, so several sources on one
+    /// credential slow down together instead of meeting a 429.
     fn note_rate_limit_headers(&self, headers: &HeaderMap) {
-        const REMAINING: [&str; 4] =
-            ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
-        let spent = REMAINING.iter().filter_map(|name| header_f64(headers, name)).any(|remaining| remaining < 1.0);
-        // HubSpot names no reset time, only its rolling window.
-        let window = header_f64(headers, "x-hubspot-ratelimit-interval-milliseconds")
-            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
-        if spent && let Some(reset) = reset_wait(headers).or(window) {
-            self.close_gate_for(reset.min(self.options.max_inline_wait));
+        if let Some(wait) = budget_wait(headers) {
+            self.close_gate_for(wait);
         }
     }
+}
+
+/// How long the rate-limit headers of a response ask the next request to wait.
+fn budget_wait(headers: &HeaderMap) -> Option<Duration> {
+    const REMAINING: [&str; 4] =
+        ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
+    const LIMIT: [&str; 4] = ["x-ratelimit-limit", "ratelimit-limit", "x-rate-limit-limit", "x-hubspot-ratelimit-max"];
+    let remaining = REMAINING.iter().filter_map(|name| header_f64(headers, name)).reduce(f64::min)?;
+    // HubSpot names no reset time, only its rolling window.
+    let window = header_f64(headers, "x-hubspot-ratelimit-interval-milliseconds")
+        .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+    let reset = reset_wait(headers).or(window)?;
+    if remaining < 1.0 {
+        return Some(reset);
+    }
+    // Reddit sends what was used instead of the limit.
+    let limit = LIMIT
+        .iter()
+        .find_map(|name| header_f64(headers, name))
+        .or_else(|| header_f64(headers, "x-ratelimit-used").map(|used| used + remaining))?;
+    (remaining * 4.0 < limit).then(|| reset.div_f64(remaining.floor() + 1.0))
 }
 
 /// A numeric header; NaN and infinities (which parse) are refused.
@@ -552,6 +615,100 @@ mod tests {
         let away = client.send(client.get(format!("{}/away", server.uri())).header("api-key", "k")).await.unwrap();
         assert_eq!(away.status, 302, "a redirect to another host is not followed");
         assert!(elsewhere.received_requests().await.unwrap().is_empty());
+    }
+
+    fn check_budget_wait(headers: &[(&'static str, &str)], expected_secs: Option<f64>) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, value.parse().unwrap());
+        }
+        let wait = budget_wait(&map).map(|wait| wait.as_secs_f64());
+        match (wait, expected_secs) {
+            (Some(wait), Some(expected)) => assert!((wait - expected).abs() < 1.5, "{headers:?}: {wait} != {expected}"),
+            (wait, expected) => assert_eq!(wait, expected, "{headers:?}"),
+        }
+    }
+
+    #[test]
+    fn the_budget_adapts_to_remaining_and_reset() {
+        // Plenty left: no wait.
+        check_budget_wait(
+            &[("x-ratelimit-limit", "5000"), ("x-ratelimit-remaining", "4000"), ("x-ratelimit-reset", "600")],
+            None,
+        );
+        // Spent: nothing before the reset.
+        check_budget_wait(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "600")], Some(600.0));
+        // Under a quarter left: the rest spread evenly to the reset.
+        check_budget_wait(
+            &[("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "9"), ("x-ratelimit-reset", "100")],
+            Some(10.0),
+        );
+        // Reddit: used + remaining is the limit; remaining may be fractional.
+        check_budget_wait(
+            &[("x-ratelimit-used", "590"), ("x-ratelimit-remaining", "9.0"), ("x-ratelimit-reset", "300")],
+            Some(30.0),
+        );
+        check_budget_wait(
+            &[("x-ratelimit-used", "10"), ("x-ratelimit-remaining", "590.0"), ("x-ratelimit-reset", "300")],
+            None,
+        );
+        // X and the IETF draft names.
+        check_budget_wait(
+            &[("x-rate-limit-limit", "450"), ("x-rate-limit-remaining", "0"), ("x-rate-limit-reset", "60")],
+            Some(60.0),
+        );
+        check_budget_wait(
+            &[("ratelimit-limit", "3000"), ("ratelimit-remaining", "99"), ("ratelimit-reset", "100")],
+            Some(1.0),
+        );
+        // No reset named: nothing to pace against.
+        check_budget_wait(&[("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "1")], None);
+    }
+
+    /// A platform that allows `budget` requests per window and counts
+    /// every request past it as a violation.
+    async fn budgeted_server(budget: u32) -> (MockServer, Arc<std::sync::atomic::AtomicU32>) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let server = MockServer::start().await;
+        let used = Arc::new(AtomicU32::new(0));
+        let counter = used.clone();
+        Mock::given(method("GET"))
+            .respond_with(move |_: &wiremock::Request| {
+                let used = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let remaining = budget.saturating_sub(used);
+                let status = if used > budget { 429 } else { 200 };
+                ResponseTemplate::new(status)
+                    .insert_header("x-ratelimit-limit", budget.to_string().as_str())
+                    .insert_header("x-ratelimit-remaining", remaining.to_string().as_str())
+                    .insert_header("x-ratelimit-reset", "3600")
+            })
+            .mount(&server)
+            .await;
+        (server, used)
+    }
+
+    #[tokio::test]
+    async fn clients_on_one_budget_stop_together_when_it_is_spent() {
+        let (server, used) = budgeted_server(40).await;
+        let budget = RateBudget::new(None);
+        let options = || HttpOptions { budget: Some(budget.clone()), max_retries: 0, ..HttpOptions::default() };
+        let (first, second) = (HttpClient::new(options()).unwrap(), HttpClient::new(options()).unwrap());
+        let run = |client: HttpClient, server: String| async move {
+            let mut sent = 0;
+            while client.send(client.get(format!("{server}/x"))).await.is_ok() {
+                sent += 1;
+            }
+            sent
+        };
+        let (a, b) = tokio::join!(run(first, server.uri()), run(second, server.uri()));
+        let sent = used.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(a + b, sent, "every request sent was answered with success");
+        assert!((30..=40).contains(&sent), "together they stayed within the budget: {sent} ({a} + {b})");
+        // Both now wait for the reset, without asking.
+        let client = HttpClient::new(options()).unwrap();
+        let refused = client.send(client.get(format!("{}/x", server.uri()))).await.unwrap_err();
+        assert!(matches!(refused, HttpError::RateLimited { .. }), "{refused:?}");
+        assert_eq!(used.load(std::sync::atomic::Ordering::SeqCst), sent, "no request while the budget is spent");
     }
 
     #[test]

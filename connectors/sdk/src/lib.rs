@@ -9,6 +9,7 @@
 pub mod crm;
 pub mod http;
 pub mod model;
+pub mod oauth;
 pub mod secret;
 pub mod source;
 pub mod text;
@@ -17,7 +18,8 @@ pub mod text;
 pub mod testkit;
 
 pub use crm::{ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup, SetupReport};
-pub use http::{HttpClient, HttpError, HttpOptions, HttpResponse};
+pub use http::{HttpClient, HttpError, HttpOptions, HttpResponse, RateBudget};
 pub use model::{Author, Contribution, Intent, Kind, Signals};
+pub use oauth::{MemoryTokenStore, OAuth2, OAuthError, StoredToken, TokenStore, TokenStoreError};
 pub use secret::{SecretError, SecretRef};
 pub use source::{Cursor, Page, PollRequest, Quarantined, Source, SourceError};

@@ -101,6 +101,16 @@ pub enum SourceError {
     Incomplete(String),
 }
 
+impl From<crate::oauth::OAuthError> for SourceError {
+    fn from(error: crate::oauth::OAuthError) -> SourceError {
+        match error {
+            crate::oauth::OAuthError::Http(error) => SourceError::Http(error),
+            refused @ crate::oauth::OAuthError::Refused { .. } => SourceError::Auth(refused.to_string()),
+            decode @ crate::oauth::OAuthError::Decode { .. } => SourceError::Decode(decode.to_string()),
+        }
+    }
+}
+
 /// What a source makes of a final answer: 2xx goes on, 401/403 are
 /// refused credentials, anything else is an error naming the status.
 pub fn check_status(response: &HttpResponse) -> Result<(), SourceError> {

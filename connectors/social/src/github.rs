@@ -49,7 +49,7 @@
 //! meanwhile moves to the end); GitHub offers no keyset paging on these
 //! endpoints, so an item may be missed until its next update.
 
-use std::{cmp::max, collections::BTreeMap, sync::Mutex, time::Duration};
+use std::{cmp::max, collections::BTreeMap, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -57,7 +57,6 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::time::Instant;
 use tributary_sdk::{
     Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
     Quarantined, SecretError, SecretRef, Source, SourceError, http::safe_target, source::check_status, text::tidy,
@@ -189,8 +188,6 @@ pub struct GitHubSource {
     http: HttpClient,
     /// `Bearer <token>`, marked sensitive so Debug never shows it.
     authorization: Option<HeaderValue>,
-    /// No request leaves before this instant: GitHub said to wait.
-    hold: Mutex<Option<Instant>>,
 }
 
 /// What the cursor of a GitHub source holds.
@@ -300,7 +297,6 @@ impl GitHubSource {
             base_url,
             repos,
             authorization,
-            hold: Mutex::new(None),
         })
     }
 
@@ -350,17 +346,13 @@ impl GitHubSource {
         same.then_some(url)
     }
 
+    /// The hold lives in the client's budget, shared by every source on this token.
     fn held_for(&self) -> Option<Duration> {
-        let until = (*self.hold.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?;
-        until.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+        self.http.held_for()
     }
 
     fn hold_for(&self, wait: Duration) {
-        let until = Instant::now() + wait.min(MAX_WAIT);
-        let mut hold = self.hold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if hold.is_none_or(|current| current < until) {
-            *hold = Some(until);
-        }
+        self.http.hold(wait.min(MAX_WAIT));
     }
 
     /// One GET with the API's headers; rate limits become

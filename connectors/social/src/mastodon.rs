@@ -1323,7 +1323,8 @@ mod tests {
     async fn a_429_waits_for_the_last_reset_seen_and_sends_nothing_meanwhile() {
         let server = MockServer::start().await;
         let base = server.uri();
-        let budget = [("x-ratelimit-remaining", "4".to_owned()), ("x-ratelimit-reset", reset_in(120))];
+        // Plenty left of 300: no pacing, the 429 alone decides the wait.
+        let budget = [("x-ratelimit-remaining", "250".to_owned()), ("x-ratelimit-reset", reset_in(120))];
         let body = json!([status(104, "2026-08-01T13:58:00Z")]);
         Mock::given(method("GET"))
             .and(path(TAG_PATH))

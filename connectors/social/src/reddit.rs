@@ -47,10 +47,13 @@
 //! - Authentication is OAuth2 "application only": `POST /api/v1/access_token`
 //!   with HTTP Basic `client_id:client_secret` and
 //!   `grant_type=client_credentials` answers a bearer token valid
-//!   `expires_in` seconds (an hour). It is kept in memory and reused; an
-//!   API call answered 401 gets a fresh token and is retried once. The
-//!   token travels only in the `Authorization` header, never in a URL, a
-//!   log or an error.
+//!   `expires_in` seconds (an hour); a "script" app may instead log in as
+//!   its account (`grant_type=password`, `username` and `password`). The
+//!   SDK's [`OAuth2`] keeps the token in the daemon's state store and
+//!   reuses it across restarts until a minute before it expires; an API
+//!   call answered 401 gets a fresh token and is retried once. The token
+//!   travels only in the `Authorization` header, never in a URL, a log or
+//!   an error.
 //! - Rate limits are `x-ratelimit-used`, `x-ratelimit-remaining` (a float)
 //!   and `x-ratelimit-reset` (seconds to the end of the window), announced
 //!   by Reddit in r/redditdev ("Formal ratelimiting headers") and recorded in
@@ -58,21 +61,19 @@
 //! - Reddit requires a unique, descriptive User-Agent: `user_agent` is
 //!   mandatory and replaces the daemon's default.
 
-use std::{
-    collections::BTreeMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use secrecy::{ExposeSecret, SecretString};
+use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tributary_sdk::{
-    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
-    Quarantined, SecretError, SecretRef, Source, SourceError, source::check_status, text::tidy,
+    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, MemoryTokenStore, OAuth2,
+    Page, PollRequest, Quarantined, SecretError, SecretRef, Source, SourceError, TokenStore,
+    oauth::{ClientAuth, Grant, OAuth2Config},
+    source::check_status,
+    text::tidy,
 };
 use url::Url;
 
@@ -80,9 +81,6 @@ const PLATFORM: &str = "reddit";
 
 /// Where items and profiles are linked to (the API host is not browsable).
 const WEB: &str = "https://www.reddit.com";
-
-/// A token is renewed this long before Reddit says it expires.
-const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 /// Markers Reddit leaves in place of a deleted author or text.
 const DELETED_MARKERS: [&str; 2] = ["[deleted]", "[removed]"];
@@ -110,6 +108,13 @@ pub struct RedditConfig {
     /// The OAuth API root.
     #[serde(default = "default_base_url")]
     pub base_url: Url,
+    /// With `password`: the account of a "script" app, whose token acts as
+    /// that user (the password grant). Without: an application-only token.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The script account's password (`{ env = "..." }` or `{ file = "..." }`).
+    #[serde(default)]
+    pub password: Option<SecretRef>,
     /// The token endpoint.
     #[serde(default = "default_auth_url")]
     pub auth_url: Url,
@@ -141,8 +146,10 @@ fn default_limit() -> u32 {
 /// Why a [`RedditSource`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("reddit `client_secret`: {0}")]
+    #[error("reddit `client_secret` or `password`: {0}")]
     Secret(#[from] SecretError),
+    #[error("reddit `username` and `password` go together (a script app's login), or neither")]
+    HalfScriptLogin,
     #[error("reddit `client_id` must not be empty nor contain `:`")]
     InvalidClientId,
     #[error(
@@ -220,87 +227,6 @@ struct PassState {
     since: Option<DateTime<Utc>>,
 }
 
-/// The application-only OAuth token: fetched with the client credentials,
-/// kept in memory until shortly before it expires. Kept apart so that a
-/// persistent store can replace the in-memory slot later.
-struct TokenCache {
-    client_id: String,
-    client_secret: SecretString,
-    auth_url: Url,
-    current: Mutex<Option<AccessToken>>,
-}
-
-struct AccessToken {
-    /// `Bearer ...`, marked sensitive.
-    header: HeaderValue,
-    renew_at: Instant,
-}
-
-impl std::fmt::Debug for TokenCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCache")
-            .field("client_id", &self.client_id)
-            .field("auth_url", &self.auth_url.as_str())
-            .finish_non_exhaustive()
-    }
-}
-
-impl TokenCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<AccessToken>> {
-        self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The current token, or a new one when there is none or it expires soon.
-    async fn bearer(&self, http: &HttpClient) -> Result<HeaderValue, SourceError> {
-        let cached = self.lock().as_ref().filter(|token| Instant::now() < token.renew_at).map(|t| t.header.clone());
-        match cached {
-            Some(header) => Ok(header),
-            None => self.refresh(http).await,
-        }
-    }
-
-    fn invalidate(&self) {
-        *self.lock() = None;
-    }
-
-    /// Asks `auth_url` for a new token and keeps it.
-    async fn refresh(&self, http: &HttpClient) -> Result<HeaderValue, SourceError> {
-        let request = http
-            .post(self.auth_url.clone())
-            .basic_auth(&self.client_id, Some(self.client_secret.expose_secret()))
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body("grant_type=client_credentials");
-        let response = http.send(request).await?;
-        check_status(&response)?;
-        // The body holds the token: it never goes into a message.
-        let body: Value = serde_json::from_slice(&response.body).map_err(|_| {
-            SourceError::Decode(format!("{} did not answer JSON to the token request", response.target))
-        })?;
-        let Some(token) = body.get("access_token").and_then(Value::as_str).filter(|token| !token.is_empty()) else {
-            // Reddit answers a refused grant with 200 and `{"error": ...}`.
-            let error = body.get("error").map(Value::to_string).unwrap_or_else(|| "no `access_token`".to_owned());
-            return Err(SourceError::Auth(format!("{} gave no access token: {error}", response.target)));
-        };
-        let token_type = body.get("token_type").and_then(Value::as_str).unwrap_or("bearer");
-        if !token_type.eq_ignore_ascii_case("bearer") {
-            return Err(SourceError::Decode(format!(
-                "{} gave a token of type `{token_type}`, not a bearer token",
-                response.target
-            )));
-        }
-        let mut header = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            SourceError::Decode(format!("{} gave an access token that is not a valid header value", response.target))
-        })?;
-        header.set_sensitive(true);
-        let expires_in = body.get("expires_in").and_then(Value::as_f64).filter(|s| s.is_finite()).unwrap_or(3600.0);
-        let lifetime = Duration::try_from_secs_f64(expires_in.clamp(0.0, 86_400.0)).unwrap_or_default();
-        let usable = if lifetime > TOKEN_MARGIN * 2 { lifetime - TOKEN_MARGIN } else { lifetime / 2 };
-        tracing::debug!(expires_in, "reddit access token obtained");
-        *self.lock() = Some(AccessToken { header: header.clone(), renew_at: Instant::now() + usable });
-        Ok(header)
-    }
-}
-
 /// Reddit: subreddits' new posts and comments, and site search.
 #[derive(Debug)]
 pub struct RedditSource {
@@ -308,7 +234,7 @@ pub struct RedditSource {
     config: RedditConfig,
     streams: Vec<Stream>,
     http: HttpClient,
-    token: TokenCache,
+    oauth: OAuth2,
 }
 
 /// One page of a listing.
@@ -353,15 +279,31 @@ impl RedditSource {
         if streams.is_empty() {
             return Err(BuildError::NothingToPoll);
         }
-        let client_secret = config.client_secret.resolve()?;
-        let token = TokenCache {
-            client_id: config.client_id.trim().to_owned(),
-            client_secret,
-            auth_url: config.auth_url.clone(),
-            current: Mutex::new(None),
+        let grant = match (&config.username, &config.password) {
+            (None, None) => Grant::ClientCredentials,
+            (Some(username), Some(password)) if !username.trim().is_empty() => {
+                Grant::Password { username: username.trim().to_owned(), password: password.resolve()? }
+            }
+            _ => return Err(BuildError::HalfScriptLogin),
         };
+        let oauth = OAuth2::new(
+            OAuth2Config {
+                token_url: config.auth_url.clone(),
+                client_id: config.client_id.trim().to_owned(),
+                client_secret: Some(config.client_secret.resolve()?),
+                client_auth: ClientAuth::Basic,
+                grant,
+                scope: None,
+            },
+            Arc::new(MemoryTokenStore::default()),
+        );
         let http = HttpClient::new(HttpOptions { user_agent: user_agent.to_owned(), ..http })?;
-        Ok(RedditSource { instance: instance.to_owned(), config, streams, http, token })
+        Ok(RedditSource { instance: instance.to_owned(), config, streams, http, oauth })
+    }
+
+    /// Keeps the access token in `store`, so a restart reuses it.
+    pub fn with_token_store(self, store: Arc<dyn TokenStore>) -> RedditSource {
+        RedditSource { oauth: self.oauth.with_store(store), ..self }
     }
 
     /// `base_url` with `segments` appended as path segments (encoded).
@@ -396,15 +338,7 @@ impl RedditSource {
 
     /// An authenticated GET; a 401 gets a fresh token and one retry.
     async fn get(&self, url: Url) -> Result<HttpResponse, SourceError> {
-        let bearer = self.token.bearer(&self.http).await?;
-        let response = self.http.send(self.http.get(url.clone()).header(AUTHORIZATION, bearer)).await?;
-        if response.status.as_u16() != 401 {
-            return Ok(response);
-        }
-        tracing::info!(source = %self.instance, target = %response.target, "reddit refused the access token; fetching a new one");
-        self.token.invalidate();
-        let bearer = self.token.refresh(&self.http).await?;
-        Ok(self.http.send(self.http.get(url).header(AUTHORIZATION, bearer)).await?)
+        Ok(self.oauth.send(&self.http, || self.http.get(url.clone())).await?)
     }
 
     async fn fetch(&self, stream: &Stream, after: Option<&str>, limit: u32) -> Result<Listing, SourceError> {
@@ -651,7 +585,10 @@ impl Source for RedditSource {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        time::{Duration, Instant},
+    };
 
     use tributary_sdk::testkit::Fixture;
     use wiremock::{

@@ -463,6 +463,10 @@ impl StackExchangeSource {
 
     /// No call to `method` (or to any, for [`ALL_METHODS`]) for `wait`.
     fn hold(&self, method: &'static str, wait: Duration, reason: String) {
+        if method == ALL_METHODS {
+            // The quota is the key's (or the address's): every source on it waits.
+            self.http.hold(wait.min(MAX_HOLD));
+        }
         let until = Instant::now() + wait.min(MAX_HOLD);
         let mut holds = self.lock_holds();
         if holds.get(method).is_none_or(|hold| hold.until < until) {
