@@ -204,10 +204,28 @@ pub struct SourceCommon {
     /// On the first poll, do not go back further than this date.
     #[serde(default)]
     pub since: Option<Since>,
+    /// What a contribution deleted on the platform does to its CRM activity.
+    #[serde(default)]
+    pub on_delete: OnDelete,
 }
 
 impl SourceCommon {
-    const KEYS: &[&str] = &["schedule", "jitter", "requests_per_second", "timeout", "enabled", "since"];
+    const KEYS: &[&str] = &["schedule", "jitter", "requests_per_second", "timeout", "enabled", "since", "on_delete"];
+}
+
+/// `on_delete`: what a deletion on the platform does in the CRM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDelete {
+    /// The activity stays, its text replaced by a `[deleted]` marker; it no
+    /// longer counts in the contact's rollups.
+    #[default]
+    Mark,
+    /// The activity is archived in the CRM (HubSpot's recycling bin); it no
+    /// longer counts in the contact's rollups.
+    Archive,
+    /// The activity stays as it was last seen, and still counts.
+    Keep,
 }
 
 fn default_jitter() -> HumanDuration {

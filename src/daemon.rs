@@ -74,6 +74,7 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
         max_attempts: config.daemon.max_attempts,
         unknown_authors: config.crm.common.unknown_authors,
         retention: config.daemon.retention.0,
+        on_delete: config.sources.iter().map(|(name, source)| (name.clone(), source.common.on_delete)).collect(),
         ..DeliverySettings::default()
     }
 }

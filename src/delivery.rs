@@ -5,6 +5,7 @@
 //! the CRM's own message. Rollups of touched contacts follow.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
@@ -17,10 +18,10 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tributary_sdk::{ActivityUpsert, Crm, CrmError, RecordOutcome};
+use tributary_sdk::{ActivityUpsert, Crm, CrmError, RecordOutcome, Rollup};
 
 use crate::{
-    config::UnknownAuthors,
+    config::{OnDelete, UnknownAuthors},
     health::Health,
     identity::{self, IdentityError, Resolution},
     state::{Claimed, Delivery, Finished, StateStore},
@@ -38,6 +39,8 @@ pub struct DeliverySettings {
     pub max_backoff: Duration,
     /// Finished outbox rows older than this are pruned, once an hour.
     pub retention: Duration,
+    /// Each source's `on_delete` (a source not named here: `mark`).
+    pub on_delete: HashMap<String, OnDelete>,
 }
 
 impl Default for DeliverySettings {
@@ -50,6 +53,7 @@ impl Default for DeliverySettings {
             base_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(3600),
             retention: Duration::from_secs(30 * 86_400),
+            on_delete: HashMap::new(),
         }
     }
 }
@@ -206,9 +210,28 @@ impl Worker {
 
     async fn deliver_claimed(&self, claimed: Vec<Claimed>) -> anyhow::Result<BatchStats> {
         let mut stats = BatchStats { claimed: claimed.len(), ..BatchStats::default() };
-        let contributions: Vec<_> = claimed.iter().map(|row| &row.contribution).collect();
         let mut outcomes: Vec<Option<Delivery>> = vec![None; claimed.len()];
 
+        // Deletions go by their source's `on_delete`; `mark` is an upsert like any other.
+        let mut upserts = Vec::new();
+        let mut archives = Vec::new();
+        for (index, row) in claimed.iter().enumerate() {
+            let policy = self.settings.on_delete.get(&row.contribution.source).copied().unwrap_or_default();
+            match (row.contribution.deleted, policy) {
+                (true, OnDelete::Keep) => {
+                    outcomes[index] = Some(Delivery::Skipped {
+                        reason: "deleted on the platform; on_delete = \"keep\" leaves its activity as it was".into(),
+                    })
+                }
+                (true, OnDelete::Archive) => archives.push(index),
+                _ => upserts.push(index),
+            }
+        }
+        if !archives.is_empty() {
+            self.archive(&claimed, &archives, &mut outcomes).await?;
+        }
+
+        let contributions: Vec<_> = upserts.iter().map(|index| &claimed[*index].contribution).collect();
         let resolutions =
             identity::resolve(&*self.store, &*self.crm, self.settings.unknown_authors, &contributions).await;
         let resolutions = match resolutions {
@@ -216,18 +239,19 @@ impl Worker {
             Err(IdentityError::State(error)) => return Err(error.into()),
             Err(IdentityError::Crm(error)) => {
                 self.crm_failed(&error.to_string());
-                let finished = claimed.iter().map(|row| self.finished(row, self.batch_failed(row, &error))).collect();
+                for index in &upserts {
+                    outcomes[*index] = Some(self.batch_failed(&claimed[*index], &error));
+                }
                 self.batch_result(Some(&error));
-                stats.retried = claimed.len();
-                self.store.finish(&self.owner, finished).await?;
-                tracing::warn!(error = %error, rows = claimed.len(), "identity resolution failed; batch retried later");
-                return Ok(stats);
+                tracing::warn!(error = %error, rows = upserts.len(), "identity resolution failed; batch retried later");
+                Vec::new()
             }
         };
 
         let mut activities = Vec::new();
         let mut activity_rows = Vec::new();
-        for (index, (row, resolution)) in claimed.iter().zip(resolutions).enumerate() {
+        for (index, resolution) in upserts.iter().copied().zip(resolutions) {
+            let row = &claimed[index];
             match resolution {
                 Resolution::Contact(contact_id) => {
                     activities.push(ActivityUpsert {
@@ -299,6 +323,54 @@ impl Worker {
         Ok(stats)
     }
 
+    /// Archives the CRM activities of deleted contributions (`on_delete =
+    /// "archive"`); one never delivered has nothing to archive.
+    async fn archive(
+        &self,
+        claimed: &[Claimed],
+        rows: &[usize],
+        outcomes: &mut [Option<Delivery>],
+    ) -> anyhow::Result<()> {
+        let keys: Vec<String> = rows.iter().map(|index| claimed[*index].contribution.key()).collect();
+        let delivered = self.store.delivered_activities(&keys).await?;
+        let mut targets = Vec::new();
+        for (index, key) in rows.iter().zip(&keys) {
+            match delivered.get(key) {
+                Some(ids) => targets.push((*index, ids.clone())),
+                None => {
+                    outcomes[*index] = Some(Delivery::Skipped {
+                        reason: "deleted before it reached the CRM: nothing to archive".into(),
+                    })
+                }
+            }
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = targets.iter().map(|(_, (_, activity_id))| activity_id.clone()).collect();
+        match self.crm.archive_activities(&ids).await {
+            Ok(results) => {
+                self.crm_succeeded();
+                self.batch_result(None);
+                for ((index, (contact_id, activity_id)), result) in targets.into_iter().zip(results) {
+                    outcomes[index] = Some(match result {
+                        RecordOutcome::Done(()) => Delivery::Delivered { contact_id, activity_id },
+                        RecordOutcome::Rejected(error) => Delivery::Dead { error },
+                    });
+                }
+            }
+            Err(error) => {
+                self.crm_failed(&error.to_string());
+                tracing::warn!(error = %error, rows = targets.len(), "archiving activities failed; retried later");
+                for (index, _) in &targets {
+                    outcomes[*index] = Some(self.batch_failed(&claimed[*index], &error));
+                }
+                self.batch_result(Some(&error));
+            }
+        }
+        Ok(())
+    }
+
     fn finished(&self, row: &Claimed, delivery: Delivery) -> Finished {
         Finished {
             id: row.id,
@@ -310,11 +382,18 @@ impl Worker {
 
     /// Writes the figures of every contact whose activities changed.
     pub async fn write_rollups(&self) -> anyhow::Result<()> {
+        let mut previous: Option<Vec<Rollup>> = None;
         loop {
             let rollups = self.store.pending_rollups(self.settings.batch_size).await?;
             if rollups.is_empty() {
                 return Ok(());
             }
+            // The same figures due again right after they were written: leave them to the next round.
+            if previous.as_ref() == Some(&rollups) {
+                tracing::warn!(contacts = rollups.len(), "rollups still due after being written; next round");
+                return Ok(());
+            }
+            previous = Some(rollups.clone());
             let results = match self.crm.update_rollups(&rollups).await {
                 Ok(results) => results,
                 Err(error) => {
@@ -354,6 +433,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use tributary_crm::file::{FileCrm, FileCrmConfig};
+    use tributary_sdk::Contribution;
 
     use super::*;
     use crate::state::SqliteStore;
@@ -386,5 +466,55 @@ mod tests {
         std::fs::remove_file(dir.path().join("crm")).unwrap();
         let stats = worker.deliver_batch().await.unwrap();
         assert_eq!(stats.delivered, 1);
+    }
+
+    /// Delivers a contribution, then its deletion, under `policy`; returns
+    /// the file CRM's activity and the contact's rollup count afterwards.
+    async fn deletion_under(
+        policy: OnDelete,
+        delivered_first: bool,
+    ) -> (Option<tributary_crm::file::FileActivity>, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        let crm_path = dir.path().join("crm.json");
+        let mut worker = worker(&store, crm_path.clone());
+        worker.settings.on_delete = HashMap::from([("s".to_owned(), policy)]);
+        let demo = tributary_demo::DemoSource::new("s", Default::default());
+        let other = crate::pipeline::normalize("s", demo.contribution(1));
+        let mut post = crate::pipeline::normalize("s", demo.contribution(0));
+        post.author = other.author.clone();
+        if delivered_first {
+            store.commit_page("s", vec![post.clone(), other], vec![], None).await.unwrap();
+            worker.drain(&CancellationToken::new()).await.unwrap();
+        }
+        let deleted =
+            crate::pipeline::normalize("s", Contribution { deleted: true, body: String::new(), ..post.clone() });
+        store.commit_page("s", vec![deleted], vec![], None).await.unwrap();
+        worker.drain(&CancellationToken::new()).await.unwrap();
+        let data = tributary_crm::file::FileCrmData::read(&crm_path).unwrap();
+        let count = data.contacts.values().filter_map(|c| c.rollup.as_ref()).map(|r| r.contribution_count).sum();
+        (data.activities.get(&post.activity_key()).cloned(), count)
+    }
+
+    #[tokio::test]
+    async fn a_deletion_follows_the_sources_on_delete() {
+        let (marked, count) = deletion_under(OnDelete::Mark, true).await;
+        let marked = marked.expect("the activity stays");
+        assert!(marked.deleted && !marked.archived && marked.body.is_empty(), "{marked:?}");
+        assert_eq!(count, 1, "a deleted contribution leaves the rollup");
+
+        let (archived, count) = deletion_under(OnDelete::Archive, true).await;
+        let archived = archived.expect("archived, not erased");
+        assert!(archived.archived && !archived.deleted && !archived.body.is_empty(), "{archived:?}");
+        assert_eq!(count, 1);
+
+        let (kept, count) = deletion_under(OnDelete::Keep, true).await;
+        let kept = kept.expect("the activity stays");
+        assert!(!kept.deleted && !kept.archived && !kept.body.is_empty(), "{kept:?}");
+        assert_eq!(count, 2, "a kept activity still counts");
+
+        // Deleted before it was ever delivered: nothing to archive, nothing created.
+        let (never, _) = deletion_under(OnDelete::Archive, false).await;
+        assert_eq!(never, None);
     }
 }

@@ -71,7 +71,12 @@ fn rate_budget_key(kind: &SourceKind) -> Option<String> {
         #[cfg(feature = "stackexchange")]
         SourceKind::Stackexchange(c) => format!("stackexchange {} {:?}", c.base_url, c.key),
         #[cfg(feature = "x")]
-        SourceKind::X(c) => format!("x {} {:?}", c.base_url, c.bearer_token),
+        SourceKind::X(c) => format!(
+            "x {} {:?} {:?}",
+            c.base_url,
+            c.bearer_token,
+            c.oauth2.as_ref().map(|o| (&o.client_id, &o.refresh_token))
+        ),
         #[cfg(feature = "youtube")]
         SourceKind::Youtube(c) => format!("youtube {} {:?}", c.base_url, c.api_key),
         SourceKind::Demo(_) => return None,
@@ -120,7 +125,8 @@ pub fn build_source(name: &str, config: &SourceConfig, services: &SourceServices
         #[cfg(feature = "bluesky")]
         SourceKind::Bluesky(c) => Arc::new(
             tributary_social::bluesky::BlueskySource::new(name, c.clone(), http)
-                .with_context(|| format!("cannot build source `{name}`"))?,
+                .with_context(|| format!("cannot build source `{name}`"))?
+                .with_token_store(services.tokens.clone()),
         ),
         #[cfg(feature = "github")]
         SourceKind::Github(c) => Arc::new(
@@ -151,7 +157,8 @@ pub fn build_source(name: &str, config: &SourceConfig, services: &SourceServices
         #[cfg(feature = "x")]
         SourceKind::X(c) => Arc::new(
             tributary_social::x::XSource::new(name, c.clone(), http)
-                .with_context(|| format!("cannot build source `{name}`"))?,
+                .with_context(|| format!("cannot build source `{name}`"))?
+                .with_token_store(services.tokens.clone()),
         ),
         #[cfg(feature = "youtube")]
         SourceKind::Youtube(c) => Arc::new(

@@ -157,6 +157,12 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     /// Records how each claimed row ended, in one transaction.
     async fn finish(&self, owner: &str, finished: Vec<Finished>) -> Result<(), StateError>;
 
+    /// The contact and CRM activity of each of `keys` already delivered.
+    async fn delivered_activities(
+        &self,
+        keys: &[String],
+    ) -> Result<std::collections::HashMap<String, (String, String)>, StateError>;
+
     async fn identity(&self, identity: &str) -> Result<Option<String>, StateError>;
     async fn link_identity(&self, identity: &str, contact_id: &str, via: &str) -> Result<(), StateError>;
 

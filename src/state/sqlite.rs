@@ -1,6 +1,7 @@
 //! The SQLite state store (WAL mode): the embedded default.
 
 use std::{
+    collections::HashMap,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -108,7 +109,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_by_source ON outbox (source, status);
     ",
     // 4: OAuth2 tokens outlive a restart (the database file is 0600); a
-    // backfill (`sync --since`) keeps its own cursor beside the live one.
+    // backfill (`sync --since`) keeps its own cursor beside the live one;
+    // activities of deleted contributions leave the rollups.
     "
     CREATE TABLE oauth_tokens (
         key TEXT PRIMARY KEY,
@@ -123,6 +125,7 @@ const MIGRATIONS: &[&str] = &[
         cursor TEXT NOT NULL,
         updated_at INTEGER NOT NULL
     );
+    ALTER TABLE activities ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
     ",
 ];
 
@@ -492,11 +495,12 @@ impl StateStore for SqliteStore {
                         }
                         let c = &item.contribution;
                         tx.execute(
-                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent, source)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent, source, deleted)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                              ON CONFLICT (key) DO UPDATE SET contact_id = excluded.contact_id, activity_id = excluded.activity_id,
                                platform = excluded.platform, created_at = excluded.created_at,
-                               sentiment = excluded.sentiment, intent = excluded.intent, source = excluded.source",
+                               sentiment = excluded.sentiment, intent = excluded.intent, source = excluded.source,
+                               deleted = excluded.deleted",
                             params![
                                 c.key(),
                                 contact_id,
@@ -506,6 +510,7 @@ impl StateStore for SqliteStore {
                                 c.signals.as_ref().map(|s| s.sentiment),
                                 c.signals.as_ref().map(|s| s.intent.as_str()),
                                 c.source,
+                                c.deleted,
                             ],
                         )?;
                         tx.execute(
@@ -554,6 +559,21 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn delivered_activities(&self, keys: &[String]) -> Result<HashMap<String, (String, String)>, StateError> {
+        let keys = keys.to_vec();
+        self.with(move |conn| {
+            let mut query = conn.prepare_cached("SELECT contact_id, activity_id FROM activities WHERE key = ?1")?;
+            let mut found = HashMap::new();
+            for key in keys {
+                if let Some(ids) = query.query_row([&key], |r| Ok((r.get(0)?, r.get(1)?))).optional()? {
+                    found.insert(key, ids);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn identity(&self, identity: &str) -> Result<Option<String>, StateError> {
         let identity = identity.to_owned();
         self.with(move |conn| {
@@ -587,9 +607,11 @@ impl StateStore for SqliteStore {
                 let rollup = conn.query_row(
                     "SELECT COUNT(*), MAX(created_at), AVG(COALESCE(sentiment, 0)),
                         SUM(intent = 'question'), SUM(intent = 'complaint'), SUM(intent = 'idea'), SUM(intent = 'praise'),
-                        (SELECT platform FROM activities a2 WHERE a2.contact_id = ?1 ORDER BY created_at DESC LIMIT 1),
-                        (SELECT GROUP_CONCAT(platform, ';') FROM (SELECT DISTINCT platform FROM activities a3 WHERE a3.contact_id = ?1 ORDER BY platform))
-                     FROM activities WHERE contact_id = ?1",
+                        (SELECT platform FROM activities a2 WHERE a2.contact_id = ?1 AND a2.deleted = 0
+                         ORDER BY created_at DESC LIMIT 1),
+                        (SELECT GROUP_CONCAT(platform, ';') FROM (SELECT DISTINCT platform FROM activities a3
+                         WHERE a3.contact_id = ?1 AND a3.deleted = 0 ORDER BY platform))
+                     FROM activities WHERE contact_id = ?1 AND deleted = 0",
                     [&contact_id],
                     |r| {
                         Ok(Rollup {
@@ -625,7 +647,7 @@ impl StateStore for SqliteStore {
                 // Still due if an activity landed after the figures were taken.
                 tx.execute(
                     "DELETE FROM rollups_due WHERE contact_id = ?1
-                     AND (SELECT COUNT(*) FROM activities WHERE contact_id = ?1) = ?2",
+                     AND (SELECT COUNT(*) FROM activities WHERE contact_id = ?1 AND deleted = 0) = ?2",
                     params![contact_id, *count as i64],
                 )?;
             }

@@ -60,6 +60,9 @@ pub struct FileActivity {
     pub intent: Option<String>,
     pub edited: bool,
     pub deleted: bool,
+    /// Archived after a deletion (`on_delete = "archive"`): out of the timeline.
+    #[serde(default)]
+    pub archived: bool,
     /// How many times the activity was written after its creation.
     pub revisions: u64,
 }
@@ -195,9 +198,9 @@ impl Crm for FileCrm {
                 continue;
             }
             let c = &input.contribution;
-            let (id, revisions) = match data.activities.get(&input.key) {
-                Some(existing) => (existing.id.clone(), existing.revisions + 1),
-                None => (data.new_id(), 0),
+            let (id, revisions, archived) = match data.activities.get(&input.key) {
+                Some(existing) => (existing.id.clone(), existing.revisions + 1, existing.archived),
+                None => (data.new_id(), 0, false),
             };
             let activity = FileActivity {
                 id: id.clone(),
@@ -214,6 +217,7 @@ impl Crm for FileCrm {
                 intent: c.signals.as_ref().map(|s| s.intent.as_str().to_owned()),
                 edited: c.edited,
                 deleted: c.deleted,
+                archived,
                 revisions,
             };
             data.activities.insert(input.key.clone(), activity);
@@ -221,6 +225,15 @@ impl Crm for FileCrm {
         }
         self.persist(&data).await?;
         Ok(outcomes)
+    }
+
+    async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        let mut data = self.data.lock().await;
+        for activity in data.activities.values_mut().filter(|a| activity_ids.contains(&a.id)) {
+            activity.archived = true;
+        }
+        self.persist(&data).await?;
+        Ok(vec![RecordOutcome::Done(()); activity_ids.len()])
     }
 
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError> {

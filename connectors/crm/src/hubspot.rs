@@ -678,6 +678,20 @@ impl Crm for HubSpotCrm {
         Ok(spread(&owners, &outcomes))
     }
 
+    /// `POST /crm/v3/objects/notes/batch/archive` (204, into the recycling
+    /// bin), 100 ids a call; HubSpot answers 204 for ids already archived.
+    async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        for chunk in activity_ids.chunks(batch::BATCH_LIMIT) {
+            let inputs: Vec<Value> = chunk.iter().map(|id| json!({ "id": id })).collect();
+            let body = json!({ "inputs": inputs });
+            let response = self.call(reqwest::Method::POST, "/crm/v3/objects/notes/batch/archive", Some(&body)).await?;
+            if !response.status.is_success() {
+                return Err(self.unexpected(&response));
+            }
+        }
+        Ok(vec![RecordOutcome::Done(()); activity_ids.len()])
+    }
+
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
         if rollups.is_empty() {
             return Ok(Vec::new());

@@ -136,6 +136,13 @@ pub trait Crm: Send + Sync {
     /// Each activity is associated with its contact.
     async fn upsert_activities(&self, activities: &[ActivityUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError>;
 
+    /// Archives activities Tributary created (their contribution was
+    /// deleted and its source says `on_delete = "archive"`): out of the
+    /// contact's timeline, still recoverable in the CRM. Archiving one
+    /// already archived or gone is done, not an error. One outcome per
+    /// input, in input order.
+    async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError>;
+
     /// One outcome per input, in input order.
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError>;
 }

@@ -186,11 +186,10 @@ impl OAuth2 {
     /// fresh, otherwise a new one.
     pub async fn bearer(&self, http: &HttpClient) -> Result<HeaderValue, OAuthError> {
         let mut current = self.current.lock().await;
-        if current.is_none() {
-            match self.store.load_token(&self.key).await {
-                Ok(stored) => *current = stored,
-                Err(error) => tracing::warn!(error = %error, "cannot read a stored token; asking for a new one"),
-            }
+        // Another source or process on this credential may have renewed it
+        // (and rotated its refresh token): the store has the newest.
+        if !current.as_ref().is_some_and(StoredToken::is_fresh) {
+            self.reload(&mut current).await;
         }
         let target = crate::http::safe_target(&self.config.token_url);
         if let Some(token) = current.as_ref().filter(|token| token.is_fresh()) {
@@ -206,6 +205,7 @@ impl OAuth2 {
     /// already replaced it.
     pub async fn renew(&self, http: &HttpClient, rejected: &HeaderValue) -> Result<HeaderValue, OAuthError> {
         let mut current = self.current.lock().await;
+        self.reload(&mut current).await;
         let target = crate::http::safe_target(&self.config.token_url);
         if let Some(token) = current.as_ref() {
             let header = bearer_header(token, &target)?;
@@ -217,6 +217,15 @@ impl OAuth2 {
         let header = bearer_header(&token, &target)?;
         *current = Some(token);
         Ok(header)
+    }
+
+    /// Takes the stored token, when there is one, over the one in memory.
+    async fn reload(&self, current: &mut Option<StoredToken>) {
+        match self.store.load_token(&self.key).await {
+            Ok(Some(stored)) => *current = Some(stored),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(error = %error, "cannot read a stored token; using the one in memory"),
+        }
     }
 
     /// Sends the request `build` makes with the bearer token; on a 401 the
@@ -463,6 +472,44 @@ mod tests {
         // A stale header does not renew twice.
         assert_eq!(token_of(&oauth.renew(&http, &first).await.unwrap()), "access-2");
         assert_eq!(issued.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn two_clients_on_one_credential_follow_each_others_rotation() {
+        // Strict rotation, as X does: only the newest refresh token works.
+        let server = MockServer::start().await;
+        let valid = Arc::new(std::sync::Mutex::new(0u32));
+        let state = valid.clone();
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(move |request: &wiremock::Request| {
+                let mut valid = state.lock().unwrap();
+                let body = String::from_utf8_lossy(&request.body).into_owned();
+                if !body.ends_with(&format!("refresh_token=refresh-{valid}")) {
+                    return ResponseTemplate::new(400).set_body_json(serde_json::json!({ "error": "invalid_grant" }));
+                }
+                *valid += 1;
+                ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                    "access_token": format!("access-{valid}"), "token_type": "bearer",
+                    "expires_in": 7200, "refresh_token": format!("refresh-{valid}"),
+                }))
+            })
+            .mount(&server)
+            .await;
+        let store: Arc<dyn TokenStore> = Arc::new(MemoryTokenStore::default());
+        let http = client();
+        let grant = || Grant::RefreshToken(SecretString::from("refresh-0"));
+        let (first, second) = (oauth(&server, grant(), store.clone()), oauth(&server, grant(), store.clone()));
+        assert_eq!(token_of(&first.bearer(&http).await.unwrap()), "access-1");
+        assert_eq!(token_of(&second.bearer(&http).await.unwrap()), "access-1", "the second reads the first's token");
+        // The first renews (rotating the refresh token); the second's renewal
+        // then starts from the rotated one, not from what it had in memory.
+        let renewed = first.renew(&http, &first.bearer(&http).await.unwrap()).await.unwrap();
+        assert_eq!(token_of(&renewed), "access-2");
+        let stale = HeaderValue::from_static("Bearer access-1");
+        assert_eq!(token_of(&second.renew(&http, &stale).await.unwrap()), "access-2", "no needless refresh");
+        assert_eq!(token_of(&second.renew(&http, &renewed).await.unwrap()), "access-3");
+        assert_eq!(*valid.lock().unwrap(), 3);
     }
 
     #[tokio::test]

@@ -52,8 +52,26 @@
 //! (the PDS's answer for an expired access token, as seen in atproto client
 //! issues, e.g. MarshalX/atproto#158) is answered by
 //! `com.atproto.server.refreshSession` with the refreshJwt as bearer, then the
-//! call is retried once; if refreshing fails a new session is created. The
-//! session lives in memory only and tokens are never logged.
+//! call is retried once; if refreshing fails a new session is created.
+//!
+//! Session persistence: the session is kept in a [`TokenStore`] (the
+//! daemon's state store, given by [`BlueskySource::with_token_store`]; a
+//! [`MemoryTokenStore`] otherwise), so a restart does not call
+//! `createSession` again (a call the PDS rate-limits tightly) while the stored
+//! session is usable. The key is `bluesky-session:` followed by the hex
+//! SHA-256 of the service URL, the identifier and the app password, so a
+//! changed password (or account, or PDS) is a new key and a new login. The
+//! [`StoredToken`] holds `access_token` = accessJwt, `refresh_token` =
+//! refreshJwt and `expires_at` = the `exp` claim of the accessJwt (its JSON
+//! payload is read, never verified: it only decides when to refresh; `None`
+//! when unreadable, and then the PDS's `ExpiredToken` decides). The DID is
+//! not stored: it is only logged, and a restored session reads it from the
+//! accessJwt's `sub` claim; the handle is not needed at all. On first use a
+//! stored session is used as is while fresh (over a minute left), a stale
+//! one is refreshed with its refreshJwt, and only if that fails is a new
+//! session created. Every new or refreshed session is saved; a store that
+//! cannot be read or written costs a login (warned), never a poll. Tokens
+//! never reach a log line, an error or a `Debug` output.
 //!
 //! Rate limits (docs.bsky.app, `advanced-guides/rate-limits`): answers carry
 //! `RateLimit-Limit`, `-Remaining`, `-Reset` (Unix time) and `-Policy`;
@@ -63,7 +81,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::Mutex,
+    sync::Arc,
 };
 
 use async_trait::async_trait;
@@ -72,9 +90,11 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tributary_sdk::{
-    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
-    Quarantined, SecretError, SecretRef, Source, SourceError, source::check_status, text::tidy,
+    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, MemoryTokenStore, Page,
+    PollRequest, Quarantined, SecretError, SecretRef, Source, SourceError, StoredToken, TokenStore,
+    source::check_status, text::tidy,
 };
 use url::Url;
 
@@ -144,18 +164,122 @@ pub enum BuildError {
     Http(#[from] HttpError),
 }
 
-/// The logged-in session, in memory only (Debug shows no token).
+/// The logged-in session (Debug shows no token).
 #[derive(Clone)]
 struct Session {
     access: SecretString,
     refresh: SecretString,
-    did: String,
+    /// The account's DID: from the session answer, or the `sub` claim of a
+    /// restored accessJwt (for log lines only).
+    did: Option<String>,
+    /// The accessJwt's `exp` claim, when readable.
+    expires_at: Option<DateTime<Utc>>,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("did", &self.did).finish_non_exhaustive()
+        f.debug_struct("Session").field("did", &self.did).field("expires_at", &self.expires_at).finish_non_exhaustive()
     }
+}
+
+impl Session {
+    fn new(access: String, refresh: String, did: Option<String>) -> Session {
+        let claims = jwt_claims(&access);
+        let expires_at = claims.as_ref().and_then(jwt_expiry);
+        let did = did.or_else(|| claims.as_ref().and_then(jwt_subject));
+        Session { access: SecretString::from(access), refresh: SecretString::from(refresh), did, expires_at }
+    }
+
+    /// A stored session; `None` without a refreshJwt (not one this source saved).
+    fn restore(token: StoredToken) -> Option<Session> {
+        let refresh = token.refresh_token.filter(|refresh| !refresh.expose_secret().is_empty())?;
+        if token.access_token.expose_secret().is_empty() {
+            return None;
+        }
+        let claims = jwt_claims(token.access_token.expose_secret());
+        Some(Session {
+            expires_at: token.expires_at.or_else(|| claims.as_ref().and_then(jwt_expiry)),
+            did: claims.as_ref().and_then(jwt_subject),
+            access: token.access_token,
+            refresh,
+        })
+    }
+
+    fn to_stored(&self) -> StoredToken {
+        StoredToken {
+            access_token: self.access.clone(),
+            refresh_token: Some(self.refresh.clone()),
+            expires_at: self.expires_at,
+        }
+    }
+
+    fn did(&self) -> &str {
+        self.did.as_deref().unwrap_or("unknown")
+    }
+}
+
+/// The session of a source and whether the token store was read yet.
+#[derive(Default)]
+struct SessionSlot {
+    restored: bool,
+    session: Option<Session>,
+}
+
+/// The token store key of a login: a changed service, identifier or
+/// password is another key.
+fn session_key(service: &Url, identifier: &str, password: &SecretString) -> String {
+    let mut digest = Sha256::new();
+    digest.update(service.as_str());
+    digest.update([0]);
+    digest.update(identifier);
+    digest.update([0]);
+    digest.update(password.expose_secret());
+    format!("bluesky-session:{}", hex::encode(digest.finalize()))
+}
+
+/// Unpadded (or padded) base64url, as in a JWT segment.
+fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in text.bytes() {
+        let value = match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        buffer = (buffer << 6) | u32::from(value);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    // One character alone cannot end a segment (6 bits are not a byte).
+    (bits < 6).then_some(out)
+}
+
+/// The payload of a JWT (not verified: only read for its times and subject).
+fn jwt_claims(token: &str) -> Option<Value> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    serde_json::from_slice(&base64url_decode(payload)?).ok().filter(Value::is_object)
+}
+
+/// The `exp` claim (NumericDate: seconds, possibly fractional).
+fn jwt_expiry(claims: &Value) -> Option<DateTime<Utc>> {
+    let exp = claims.get("exp")?;
+    let seconds = exp.as_i64().or_else(|| exp.as_f64().filter(|s| s.is_finite()).map(|s| s as i64))?;
+    DateTime::from_timestamp(seconds, 0)
+}
+
+/// The `sub` claim when it is a DID.
+fn jwt_subject(claims: &Value) -> Option<String> {
+    claims.get("sub")?.as_str().filter(|sub| sub.starts_with("did:")).map(str::to_owned)
 }
 
 /// What createSession and refreshSession answer (the fields read here).
@@ -168,13 +292,26 @@ struct SessionBody {
 }
 
 /// A Bluesky source: author feeds and searches through one PDS.
-#[derive(Debug)]
 pub struct BlueskySource {
     instance: String,
     config: BlueskyConfig,
     password: SecretString,
     http: HttpClient,
-    session: Mutex<Option<Session>>,
+    /// Where the session outlives a restart, under `key`.
+    store: Arc<dyn TokenStore>,
+    key: String,
+    /// One login or refresh at a time.
+    session: tokio::sync::Mutex<SessionSlot>,
+}
+
+impl std::fmt::Debug for BlueskySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlueskySource")
+            .field("instance", &self.instance)
+            .field("config", &self.config)
+            .field("http", &self.http)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One stream of a source.
@@ -342,10 +479,17 @@ impl BlueskySource {
         Ok(BlueskySource {
             instance: instance.to_owned(),
             http: HttpClient::new(http)?,
+            key: session_key(&config.service, &config.identifier, &password),
             config,
             password,
-            session: Mutex::new(None),
+            store: Arc::new(MemoryTokenStore::default()),
+            session: tokio::sync::Mutex::new(SessionSlot::default()),
         })
+    }
+
+    /// Keeps the session in `store`, so a restart reuses it.
+    pub fn with_token_store(self, store: Arc<dyn TokenStore>) -> BlueskySource {
+        BlueskySource { store, session: tokio::sync::Mutex::new(SessionSlot::default()), ..self }
     }
 
     fn streams(&self) -> Vec<Stream<'_>> {
@@ -364,27 +508,21 @@ impl BlueskySource {
         url
     }
 
-    fn stored_session(&self) -> Option<Session> {
-        self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
-    }
-
-    fn store_session(&self, session: Option<Session>) {
-        *self.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = session;
-    }
-
     /// Reads a session answer; the body holds tokens, so no part of it
     /// reaches an error message.
     fn read_session(&self, response: &HttpResponse) -> Result<Session, SourceError> {
         let body: SessionBody = serde_json::from_slice(&response.body).map_err(|_| {
             SourceError::Decode(format!("{} did not answer a session (accessJwt, refreshJwt, did)", response.target))
         })?;
-        let session = Session {
-            access: SecretString::from(body.access_jwt),
-            refresh: SecretString::from(body.refresh_jwt),
-            did: body.did,
-        };
-        self.store_session(Some(session.clone()));
-        Ok(session)
+        Ok(Session::new(body.access_jwt, body.refresh_jwt, Some(body.did)))
+    }
+
+    /// Saves a new or refreshed session; a failure only costs a login after
+    /// a restart.
+    async fn persist(&self, session: &Session) {
+        if let Err(error) = self.store.save_token(&self.key, &session.to_stored()).await {
+            tracing::warn!(source = %self.instance, %error, "cannot persist the bluesky session; a restart will log in again");
+        }
     }
 
     async fn create_session(&self) -> Result<Session, SourceError> {
@@ -396,7 +534,8 @@ impl BlueskySource {
         let response = self.http.send(request).await?;
         check_status(&response)?;
         let session = self.read_session(&response)?;
-        tracing::info!(source = %self.instance, did = %session.did, "bluesky session created");
+        self.persist(&session).await;
+        tracing::info!(source = %self.instance, did = %session.did(), "bluesky session created");
         Ok(session)
     }
 
@@ -408,15 +547,68 @@ impl BlueskySource {
         let response = self.http.send(request).await?;
         check_status(&response)?;
         let session = self.read_session(&response)?;
-        tracing::debug!(source = %self.instance, did = %session.did, "bluesky session refreshed");
+        self.persist(&session).await;
+        tracing::debug!(source = %self.instance, did = %session.did(), "bluesky session refreshed");
         Ok(session)
     }
 
-    async fn current_session(&self) -> Result<Session, SourceError> {
-        match self.stored_session() {
-            Some(session) => Ok(session),
-            None => self.create_session().await,
+    /// The stored session while fresh, else the stored session refreshed,
+    /// else a new session.
+    async fn restore_session(&self) -> Result<Session, SourceError> {
+        let stored = match self.store.load_token(&self.key).await {
+            Ok(stored) => stored.and_then(Session::restore),
+            Err(error) => {
+                tracing::warn!(source = %self.instance, %error, "cannot read the stored bluesky session; logging in");
+                None
+            }
+        };
+        let Some(stored) = stored else {
+            return self.create_session().await;
+        };
+        if stored.to_stored().is_fresh() {
+            tracing::info!(source = %self.instance, did = %stored.did(), "bluesky session restored");
+            return Ok(stored);
         }
+        tracing::debug!(source = %self.instance, "the stored bluesky session expired; refreshing it");
+        match self.refresh_session(&stored).await {
+            Ok(session) => Ok(session),
+            Err(error) => {
+                tracing::info!(source = %self.instance, %error, "bluesky stored session refresh failed; logging in again");
+                self.create_session().await
+            }
+        }
+    }
+
+    /// The session held, else (first use) the stored one, else a new one.
+    async fn current_session(&self) -> Result<Session, SourceError> {
+        let mut slot = self.session.lock().await;
+        if let Some(session) = &slot.session {
+            return Ok(session.clone());
+        }
+        let session = if slot.restored { self.create_session().await? } else { self.restore_session().await? };
+        *slot = SessionSlot { restored: true, session: Some(session.clone()) };
+        Ok(session)
+    }
+
+    /// `rejected` expired: a refreshed session (or a new one if refreshing
+    /// fails), unless another call already replaced it.
+    async fn renew_session(&self, rejected: &Session) -> Result<Session, SourceError> {
+        let mut slot = self.session.lock().await;
+        if let Some(current) = &slot.session
+            && current.access.expose_secret() != rejected.access.expose_secret()
+        {
+            return Ok(current.clone());
+        }
+        let renewed = match self.refresh_session(rejected).await {
+            Ok(renewed) => renewed,
+            Err(error) => {
+                tracing::info!(source = %self.instance, %error, "bluesky session refresh failed; logging in again");
+                slot.session = None;
+                self.create_session().await?
+            }
+        };
+        *slot = SessionSlot { restored: true, session: Some(renewed.clone()) };
+        Ok(renewed)
     }
 
     async fn send_get(&self, url: &Url, session: &Session) -> Result<HttpResponse, SourceError> {
@@ -439,14 +631,7 @@ impl BlueskySource {
         let mut response = self.send_get(&url, &session).await?;
         if token_expired(&response) {
             tracing::debug!(source = %self.instance, "bluesky access token expired; refreshing the session");
-            let renewed = match self.refresh_session(&session).await {
-                Ok(renewed) => renewed,
-                Err(error) => {
-                    tracing::info!(source = %self.instance, %error, "bluesky session refresh failed; logging in again");
-                    self.store_session(None);
-                    self.create_session().await?
-                }
-            };
+            let renewed = self.renew_session(&session).await?;
             response = self.send_get(&url, &renewed).await?;
         }
         check_status(&response)?;
@@ -702,8 +887,8 @@ impl Source for BlueskySource {
         Ok(page)
     }
 
-    /// Logs in (when no session is held) and reads
-    /// `com.atproto.server.getSession`.
+    /// Restores the stored session or logs in (when no session is held) and
+    /// reads `com.atproto.server.getSession`.
     async fn check(&self) -> Result<(), SourceError> {
         self.xrpc_get("com.atproto.server.getSession", &[]).await.map(|_| ())
     }
@@ -1182,13 +1367,15 @@ mod tests {
             .expect(2)
             .mount(&server)
             .await;
-        let source = source(config(&server));
+        let store = Arc::new(MemoryTokenStore::default());
+        let source = source(config(&server)).with_token_store(store.clone());
         let page = source.poll(&PollRequest::default()).await.unwrap();
         assert_eq!(page.contributions.len(), 5);
-        // The refreshed session is kept.
+        // The refreshed session is kept, and persisted.
         source.poll(&PollRequest::default()).await.unwrap();
         let logins = server.received_requests().await.unwrap().iter().filter(|r| r.url.path() == LOGIN).count();
         assert_eq!(logins, 1);
+        assert_eq!(stored_pair(&store, &source).await, ("acc-2".to_owned(), "ref-2".to_owned()));
         assert!(!format!("{source:?}").contains("acc-2"), "a token leaked into Debug");
         assert!(!format!("{source:?}").contains("app-pass-1234"), "the password leaked into Debug");
     }
@@ -1231,6 +1418,236 @@ mod tests {
             .await;
         let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
         assert_eq!(page.contributions.len(), 5);
+    }
+
+    /// Base64url without padding (the JWT alphabet).
+    fn b64url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    /// An access JWT as a PDS issues them (unsigned here): `exp` seconds
+    /// from now, the account's DID as `sub`.
+    fn test_jwt(exp_in: i64, tag: &str) -> String {
+        let header = b64url(br#"{"typ":"at+jwt","alg":"ES256K"}"#);
+        let claims = serde_json::json!({
+            "scope": "com.atproto.appPass", "sub": "did:plc:company", "aud": "did:web:pds.test",
+            "iat": Utc::now().timestamp(), "exp": Utc::now().timestamp() + exp_in, "jti": tag,
+        });
+        format!("{header}.{}.c2lnbmF0dXJl", b64url(claims.to_string().as_bytes()))
+    }
+
+    fn jwt_session(access: &str, refresh: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "accessJwt": access, "refreshJwt": refresh, "handle": "company.test", "did": "did:plc:company",
+        }))
+    }
+
+    /// The (accessJwt, refreshJwt) the store holds for `source`.
+    async fn stored_pair(store: &MemoryTokenStore, source: &BlueskySource) -> (String, String) {
+        let token = store.load_token(&source.key).await.unwrap().expect("a stored session");
+        let refresh = token.refresh_token.expect("a stored refreshJwt");
+        (token.access_token.expose_secret().to_owned(), refresh.expose_secret().to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_restart_reuses_the_stored_session_while_it_is_fresh() {
+        let server = MockServer::start().await;
+        let access = test_jwt(3600, "a1");
+        Mock::given(method("POST"))
+            .and(path(LOGIN))
+            .and(body_json(serde_json::json!({"identifier": "company.test", "password": "app-pass-1234"})))
+            .respond_with(jwt_session(&access, "ref-1"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(REFRESH))
+            .respond_with(jwt_session("x", "y"))
+            .expect(0)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(FEED))
+            .and(header("authorization", format!("Bearer {access}").as_str()))
+            .respond_with(fixture("author_feed_alice").response())
+            .expect(2)
+            .mount(&server)
+            .await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let first = source(config(&server)).with_token_store(store.clone());
+        assert_eq!(first.poll(&PollRequest::default()).await.unwrap().contributions.len(), 5);
+        let token = store.load_token(&first.key).await.unwrap().unwrap();
+        let exp = jwt_claims(&access).unwrap()["exp"].as_i64().unwrap();
+        assert_eq!(token.expires_at, DateTime::from_timestamp(exp, 0), "expires_at is the JWT's exp");
+        assert_eq!(stored_pair(&store, &first).await, (access.clone(), "ref-1".to_owned()));
+        drop(first);
+
+        // A restart: a new source on the same store logs in no more.
+        let second = source(config(&server)).with_token_store(store.clone());
+        assert_eq!(second.poll(&PollRequest::default()).await.unwrap().contributions.len(), 5);
+        let session = second.session.lock().await.session.clone().unwrap();
+        assert_eq!(session.did.as_deref(), Some("did:plc:company"), "the DID comes from the JWT's `sub`");
+        for shown in [format!("{second:?}"), format!("{session:?}"), format!("{token:?}")] {
+            assert!(!shown.contains(&access) && !shown.contains("ref-1"), "a token leaked into Debug: {shown}");
+        }
+        // `expect(1)` on createSession, `expect(0)` on refreshSession.
+    }
+
+    #[tokio::test]
+    async fn a_stale_stored_session_is_refreshed_not_recreated() {
+        let server = MockServer::start().await;
+        let (stale, fresh) = (test_jwt(-600, "old"), test_jwt(3600, "new"));
+        Mock::given(method("POST")).and(path(LOGIN)).respond_with(jwt_session("x", "y")).expect(0).mount(&server).await;
+        Mock::given(method("POST"))
+            .and(path(REFRESH))
+            .and(header("authorization", "Bearer ref-0"))
+            .respond_with(jwt_session(&fresh, "ref-2"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(FEED))
+            .and(header("authorization", format!("Bearer {fresh}").as_str()))
+            .respond_with(fixture("author_feed_alice").response())
+            .expect(2)
+            .mount(&server)
+            .await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let first = source(config(&server)).with_token_store(store.clone());
+        // Saved without `expires_at`: the stored accessJwt's `exp` says it expired.
+        let token = StoredToken {
+            access_token: SecretString::from(stale.clone()),
+            refresh_token: Some(SecretString::from("ref-0")),
+            expires_at: None,
+        };
+        store.save_token(&first.key, &token).await.unwrap();
+        assert_eq!(first.poll(&PollRequest::default()).await.unwrap().contributions.len(), 5);
+        assert_eq!(stored_pair(&store, &first).await, (fresh.clone(), "ref-2".to_owned()), "the new pair is saved");
+        // Another restart uses the refreshed session as is.
+        let second = source(config(&server)).with_token_store(store.clone());
+        second.poll(&PollRequest::default()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stored_session_that_cannot_be_refreshed_logs_in_again() {
+        let server = MockServer::start().await;
+        let fresh = test_jwt(3600, "login");
+        Mock::given(method("POST"))
+            .and(path(LOGIN))
+            .respond_with(jwt_session(&fresh, "ref-1"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(REFRESH))
+            .respond_with(
+                ResponseTemplate::new(400)
+                    .set_body_json(serde_json::json!({"error": "ExpiredToken", "message": "Token has been revoked"})),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(FEED))
+            .and(header("authorization", format!("Bearer {fresh}").as_str()))
+            .respond_with(fixture("author_feed_alice").response())
+            .expect(1)
+            .mount(&server)
+            .await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let source = source(config(&server)).with_token_store(store.clone());
+        let token = StoredToken {
+            access_token: SecretString::from(test_jwt(-600, "old")),
+            refresh_token: Some(SecretString::from("ref-0")),
+            expires_at: None,
+        };
+        store.save_token(&source.key, &token).await.unwrap();
+        assert_eq!(source.poll(&PollRequest::default()).await.unwrap().contributions.len(), 5);
+        assert_eq!(stored_pair(&store, &source).await, (fresh, "ref-1".to_owned()));
+    }
+
+    /// A token store whose disk is gone.
+    struct BrokenStore;
+
+    #[async_trait]
+    impl TokenStore for BrokenStore {
+        async fn load_token(&self, _key: &str) -> Result<Option<StoredToken>, tributary_sdk::TokenStoreError> {
+            Err(tributary_sdk::TokenStoreError("disk gone".into()))
+        }
+
+        async fn save_token(&self, _key: &str, _token: &StoredToken) -> Result<(), tributary_sdk::TokenStoreError> {
+            Err(tributary_sdk::TokenStoreError("disk gone".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_broken_token_store_costs_a_login_never_a_poll() {
+        let server = MockServer::start().await;
+        mount_login(&server).await;
+        Mock::given(method("GET"))
+            .and(path(FEED))
+            .and(header("authorization", "Bearer acc-1"))
+            .respond_with(fixture("author_feed_alice").response())
+            .expect(2)
+            .mount(&server)
+            .await;
+        let source = source(config(&server)).with_token_store(Arc::new(BrokenStore));
+        for _ in 0..2 {
+            assert_eq!(source.poll(&PollRequest::default()).await.unwrap().contributions.len(), 5);
+        }
+        // The session held in memory is used: one login.
+        let logins = server.received_requests().await.unwrap().iter().filter(|r| r.url.path() == LOGIN).count();
+        assert_eq!(logins, 1);
+    }
+
+    #[test]
+    fn the_session_key_is_a_digest_of_service_identifier_and_password() {
+        let service = Url::parse("https://pds.test").unwrap();
+        let key = session_key(&service, "company.test", &SecretString::from("app-pass-1234"));
+        let hex = key.strip_prefix("bluesky-session:").unwrap();
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        assert!(!key.contains("app-pass-1234") && !key.contains("company.test"));
+        assert_eq!(key, session_key(&service, "company.test", &SecretString::from("app-pass-1234")));
+        let other_service = Url::parse("https://bsky.social").unwrap();
+        for other in [
+            session_key(&service, "company.test", &SecretString::from("app-pass-5678")),
+            session_key(&service, "other.test", &SecretString::from("app-pass-1234")),
+            session_key(&other_service, "company.test", &SecretString::from("app-pass-1234")),
+        ] {
+            assert_ne!(key, other);
+        }
+    }
+
+    #[test]
+    fn jwt_claims_give_the_expiry_and_the_did() {
+        let jwt = test_jwt(3600, "a");
+        let claims = jwt_claims(&jwt).unwrap();
+        let exp = jwt_expiry(&claims).unwrap();
+        assert!((exp - Utc::now() - chrono::Duration::seconds(3600)).num_seconds().abs() <= 2, "{exp}");
+        assert_eq!(jwt_subject(&claims).as_deref(), Some("did:plc:company"));
+        let fractional = serde_json::json!({"exp": 1_700_000_000.5, "sub": "alice"});
+        assert_eq!(jwt_expiry(&fractional), DateTime::from_timestamp(1_700_000_000, 0));
+        assert_eq!(jwt_subject(&fractional), None, "a sub that is not a DID");
+        for opaque in ["acc-1", "a.b", "a.!!.c", "a.Zg.c", "a.e30.c", &format!("x.{}.y", b64url(b"[1]"))] {
+            let claims = jwt_claims(opaque);
+            assert!(claims.as_ref().and_then(jwt_expiry).is_none(), "{opaque}");
+        }
+        assert_eq!(base64url_decode("aGk").unwrap(), b"hi");
+        assert_eq!(base64url_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(base64url_decode("-_8").unwrap(), [0xfb, 0xff]);
+        assert!(base64url_decode("aGkxa").is_none());
+        // A session without a readable exp is used until the PDS says ExpiredToken.
+        let session = Session::new("acc-1".into(), "ref-1".into(), None);
+        assert_eq!((session.expires_at, session.did()), (None, "unknown"));
+        assert!(session.to_stored().is_fresh());
     }
 
     #[tokio::test]

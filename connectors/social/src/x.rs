@@ -1,6 +1,29 @@
 //! X (Twitter) API v2: posts matching a search query (listen mode, `GET
 //! /2/tweets/search/recent`) and posts mentioning the company's account
-//! (watch mode, `GET /2/users/{id}/mentions`), with an app-only bearer token.
+//! (watch mode, `GET /2/users/{id}/mentions`).
+//!
+//! Authentication is one of two modes (exactly one is configured):
+//! - App-only ([`XConfig::bearer_token`]): the app's bearer token, sent
+//!   as is with every request.
+//! - OAuth 2.0 user context ([`XConfig::oauth2`]): an admin authorized the
+//!   app once as the company's account (Authorization Code with PKCE, scopes
+//!   `tweet.read users.read offline.access`), which gave a refresh token.
+//!   The SDK's [`OAuth2`] trades it at the token endpoint (`POST
+//!   /2/oauth2/token`, `grant_type=refresh_token`; a confidential client
+//!   authenticates with HTTP Basic `client_id:client_secret`, a public
+//!   client sends `client_id` in the form) for an access token valid two
+//!   hours. X rotates refresh tokens: every refresh answers a new one and
+//!   invalidates the old, so the newest is kept in the token store (the
+//!   daemon's state store, see [`XSource::with_token_store`]) and a restart
+//!   goes on from it, reusing the access token while it is fresh. A request
+//!   answered 401 gets one refresh and one retry. The configured refresh
+//!   token is used once only: after a rotation it is void, so losing the
+//!   state store means authorizing again (a new refresh token in the
+//!   config is a new credential and starts over from it).
+//!
+//! Tokens travel only in the `Authorization` header (and the refresh token
+//! in the token request's form): never in a URL, a log line, an error or a
+//! `Debug` output. Both modes read the same endpoints the same way.
 //!
 //! Incremental model, per stream. Both endpoints list posts newest first and
 //! take `since_id` ("results with a Post ID greater than the specified ID");
@@ -52,9 +75,13 @@
 //!   with only `errors` (a user id that does not exist) is an error.
 //! - Rate limits are the `x-rate-limit-limit/-remaining/-reset` headers
 //!   (reset as a Unix time) and HTTP 429, which the shared client honours.
-//!   401/403 are refused credentials (`SourceError::Auth`).
+//!   401/403 are refused credentials (`SourceError::Auth`), as is a refresh
+//!   token the token endpoint refuses (revoked, or already rotated away).
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -63,8 +90,11 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tributary_sdk::{
-    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, Kind, Page, PollRequest, Quarantined,
-    SecretError, SecretRef, Source, SourceError, source::check_status, text::tidy,
+    Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, MemoryTokenStore, OAuth2,
+    Page, PollRequest, Quarantined, SecretError, SecretRef, Source, SourceError, TokenStore,
+    oauth::{ClientAuth, Grant, OAuth2Config},
+    source::check_status,
+    text::tidy,
 };
 use url::Url;
 
@@ -86,8 +116,15 @@ fn search_window_start() -> DateTime<Utc> {
 #[serde(deny_unknown_fields)]
 pub struct XConfig {
     /// App-only bearer token (`{ env = "..." }` or `{ file = "..." }`), sent
-    /// as `Authorization: Bearer ...`.
-    pub bearer_token: SecretRef,
+    /// as `Authorization: Bearer ...`. Exactly one of `bearer_token` and
+    /// `oauth2` is set.
+    #[serde(default)]
+    pub bearer_token: Option<SecretRef>,
+    /// OAuth 2.0 user context instead of `bearer_token`: the app's client
+    /// and a refresh token from a one-time authorization of the account,
+    /// e.g. `oauth2 = { client_id = "...", refresh_token = { env = "..." } }`.
+    #[serde(default)]
+    pub oauth2: Option<XOAuth2Config>,
     /// A v2 search query (listen mode), e.g. `acme -is:retweet`; posts of the
     /// last 7 days that match it.
     #[serde(default)]
@@ -108,8 +145,35 @@ pub struct XConfig {
     pub max_pages_per_poll: u32,
 }
 
+/// OAuth 2.0 user context of an X source (the `oauth2` table).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XOAuth2Config {
+    /// The app's OAuth 2.0 Client ID (Developer Console, "Keys and tokens";
+    /// not the API key of OAuth 1.0a).
+    pub client_id: String,
+    /// The app's OAuth 2.0 Client Secret (`{ env = "..." }` or `{ file =
+    /// "..." }`) for a confidential client, sent only to `token_url` as HTTP
+    /// Basic auth. Leave it out for a public client (`client_id` is then sent
+    /// in the form).
+    #[serde(default)]
+    pub client_secret: Option<SecretRef>,
+    /// The refresh token of the account's authorization (Authorization Code
+    /// with PKCE, scopes `tweet.read users.read offline.access`), as `{ env =
+    /// "..." }` or `{ file = "..." }`. Used once: X rotates it, and the
+    /// newest one is kept in the daemon's state store.
+    pub refresh_token: SecretRef,
+    /// The token endpoint.
+    #[serde(default = "default_token_url")]
+    pub token_url: Url,
+}
+
 fn default_base_url() -> Url {
     Url::parse("https://api.twitter.com").unwrap_or_else(|_| unreachable!("a valid literal URL"))
+}
+
+fn default_token_url() -> Url {
+    Url::parse("https://api.x.com/2/oauth2/token").unwrap_or_else(|_| unreachable!("a valid literal URL"))
 }
 
 fn default_max_results() -> u32 {
@@ -123,10 +187,19 @@ fn default_max_pages_per_poll() -> u32 {
 /// Why an [`XSource`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("x `bearer_token`: {0}")]
-    Secret(#[from] SecretError),
+    /// The secret of the named field could not be read.
+    #[error("x `{0}`: {1}")]
+    Secret(&'static str, #[source] SecretError),
     #[error("x `bearer_token` holds characters that are not allowed in an HTTP header")]
     InvalidToken,
+    #[error("x takes `bearer_token` (app-only) or `oauth2` (user context), not both")]
+    BothAuth,
+    #[error("x needs `bearer_token` (app-only) or `oauth2` (user context)")]
+    NoAuth,
+    #[error("x `oauth2.client_id` must not be empty nor contain `:`")]
+    InvalidClientId,
+    #[error("x `oauth2.token_url` must be an http(s) URL, not `{0}`")]
+    InvalidTokenUrl(String),
     #[error("x needs a `query`, a `mentions_of_user_id` or both")]
     NothingToPoll,
     #[error("x `mentions_of_user_id` must be a numeric user id, not `{0}`")]
@@ -216,14 +289,22 @@ struct Query {
     token: Option<String>,
 }
 
+/// How requests are authenticated.
+#[derive(Debug)]
+enum Auth {
+    /// App-only: `Bearer ...`, marked sensitive so it never shows in Debug output.
+    App(HeaderValue),
+    /// User context: access tokens from the refresh token, renewed and persisted.
+    User(Box<OAuth2>),
+}
+
 /// An X account's mentions and/or a search query.
 #[derive(Debug)]
 pub struct XSource {
     instance: String,
     config: XConfig,
     http: HttpClient,
-    /// `Bearer ...`, marked sensitive so it never shows in Debug output.
-    authorization: HeaderValue,
+    auth: Auth,
 }
 
 impl XSource {
@@ -243,11 +324,41 @@ impl XSource {
         if !(10..=100).contains(&config.max_results) {
             return Err(BuildError::InvalidMaxResults(config.max_results));
         }
-        let token = config.bearer_token.resolve()?;
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
-            .map_err(|_| BuildError::InvalidToken)?;
-        authorization.set_sensitive(true);
-        Ok(XSource { instance: instance.to_owned(), http: HttpClient::new(http)?, config, authorization })
+        let auth = match (&config.bearer_token, &config.oauth2) {
+            (Some(_), Some(_)) => return Err(BuildError::BothAuth),
+            (None, None) => return Err(BuildError::NoAuth),
+            (Some(bearer), None) => {
+                let token = bearer.resolve().map_err(|error| BuildError::Secret("bearer_token", error))?;
+                let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                    .map_err(|_| BuildError::InvalidToken)?;
+                authorization.set_sensitive(true);
+                Auth::App(authorization)
+            }
+            (None, Some(oauth2)) => Auth::User(Box::new(user_context(oauth2)?)),
+        };
+        Ok(XSource { instance: instance.to_owned(), http: HttpClient::new(http)?, config, auth })
+    }
+
+    /// Keeps the user-context tokens (and the rotated refresh token) in
+    /// `store`, so a restart goes on from them. Nothing changes with an
+    /// app-only bearer token.
+    pub fn with_token_store(self, store: Arc<dyn TokenStore>) -> XSource {
+        let auth = match self.auth {
+            Auth::User(oauth) => Auth::User(Box::new(oauth.with_store(store))),
+            app @ Auth::App(_) => app,
+        };
+        XSource { auth, ..self }
+    }
+
+    /// Sends the GET `url` with the configured authentication; with user
+    /// context a 401 gets one refresh and one retry.
+    async fn get(&self, url: Url) -> Result<HttpResponse, SourceError> {
+        match &self.auth {
+            Auth::App(authorization) => {
+                Ok(self.http.send(self.http.get(url).header(AUTHORIZATION, authorization.clone())).await?)
+            }
+            Auth::User(oauth) => Ok(oauth.send(&self.http, || self.http.get(url.clone())).await?),
+        }
     }
 
     /// The configured streams, in the order a round polls them.
@@ -315,7 +426,7 @@ impl XSource {
                 pairs.append_pair(name, token);
             }
         }
-        let response = self.http.send(self.http.get(url).header(AUTHORIZATION, self.authorization.clone())).await?;
+        let response = self.get(url).await?;
         check_status(&response)?;
         let body: Value = serde_json::from_slice(&response.body)
             .map_err(|error| SourceError::Decode(format!("{} did not answer JSON: {error}", response.target)))?;
@@ -417,6 +528,38 @@ impl XSource {
             signals: None,
         })
     }
+}
+
+/// The OAuth2 client of a user-context configuration, keeping its tokens in
+/// memory until [`XSource::with_token_store`] gives it the daemon's store.
+fn user_context(config: &XOAuth2Config) -> Result<OAuth2, BuildError> {
+    let url = &config.token_url;
+    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+        return Err(BuildError::InvalidTokenUrl(url.to_string()));
+    }
+    let client_id = config.client_id.trim();
+    if client_id.is_empty() || client_id.contains(':') {
+        return Err(BuildError::InvalidClientId);
+    }
+    let client_secret = match &config.client_secret {
+        Some(secret) => Some(secret.resolve().map_err(|error| BuildError::Secret("oauth2.client_secret", error))?),
+        None => None,
+    };
+    let refresh_token =
+        config.refresh_token.resolve().map_err(|error| BuildError::Secret("oauth2.refresh_token", error))?;
+    Ok(OAuth2::new(
+        OAuth2Config {
+            token_url: url.clone(),
+            client_id: client_id.to_owned(),
+            // A confidential client authenticates with HTTP Basic; a public one names itself in the form.
+            client_auth: if client_secret.is_some() { ClientAuth::Basic } else { ClientAuth::Body },
+            client_secret,
+            grant: Grant::RefreshToken(refresh_token),
+            // A refresh keeps the scopes of the authorization.
+            scope: None,
+        },
+        Arc::new(MemoryTokenStore::default()),
+    ))
 }
 
 /// The fields of a post this connector reads.
@@ -633,14 +776,19 @@ mod tests {
         }
     }
 
-    /// A secret file holding the test token, one per call (removed when the
-    /// source is built: the token is resolved in `new`).
-    fn token_file() -> std::path::PathBuf {
+    /// A secret file holding `value`, one per call (removed when the source
+    /// is built: secrets are resolved in `new`).
+    fn secret_file(value: &str) -> std::path::PathBuf {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = std::env::temp_dir().join(format!("tributary-x-{}-{n}", std::process::id()));
-        std::fs::write(&file, "AAAAbearer-of-tests\n").unwrap();
+        std::fs::write(&file, format!("{value}\n")).unwrap();
         file
+    }
+
+    /// A secret file holding the test bearer token.
+    fn token_file() -> std::path::PathBuf {
+        secret_file("AAAAbearer-of-tests")
     }
 
     fn config(server: &MockServer, query: Option<&str>, user: Option<&str>) -> XConfig {
@@ -654,11 +802,78 @@ mod tests {
     }
 
     fn source(config: XConfig) -> XSource {
-        let source = XSource::new("brand", config.clone(), options()).unwrap();
-        if let SecretRef::File(file) = &config.bearer_token {
-            std::fs::remove_file(file).unwrap();
+        let source = XSource::new("brand", config.clone(), options());
+        remove_secret_files(&config);
+        source.unwrap()
+    }
+
+    /// Removes the secret files `config` names.
+    fn remove_secret_files(config: &XConfig) {
+        let oauth2 = config.oauth2.as_ref();
+        let secrets = [config.bearer_token.as_ref()]
+            .into_iter()
+            .chain([oauth2.and_then(|o| o.client_secret.as_ref()), oauth2.map(|o| &o.refresh_token)]);
+        for secret in secrets.flatten() {
+            if let SecretRef::File(file) = secret {
+                std::fs::remove_file(file).unwrap();
+            }
         }
-        source
+    }
+
+    const TOKEN: &str = "/2/oauth2/token";
+
+    /// A user-context config against `server`: a confidential client with
+    /// `client_secret`, else a public one; the refresh token `refresh-0`.
+    fn user_config(server: &MockServer, client_secret: Option<&str>, user: Option<&str>) -> XConfig {
+        let mut oauth2 = json!({
+            "client_id": "x-client",
+            "refresh_token": {"file": secret_file("refresh-0")},
+            "token_url": format!("{}{TOKEN}", server.uri()),
+        });
+        if let Some(secret) = client_secret {
+            oauth2["client_secret"] = json!({"file": secret_file(secret)});
+        }
+        serde_json::from_value(json!({"oauth2": oauth2, "mentions_of_user_id": user, "base_url": server.uri()}))
+            .unwrap()
+    }
+
+    /// A user-context source keeping its tokens in `store`.
+    fn user_source(config: XConfig, store: &Arc<MemoryTokenStore>) -> XSource {
+        source(config).with_token_store(store.clone())
+    }
+
+    /// X's token endpoint: every refresh answers `access-N` and rotates the
+    /// refresh token to `refresh-N`, in the documented shape.
+    async fn token_endpoint(server: &MockServer) {
+        let issued = std::sync::atomic::AtomicU32::new(0);
+        Mock::given(method("POST"))
+            .and(path(TOKEN))
+            .and(header("content-type", "application/x-www-form-urlencoded"))
+            .respond_with(move |_: &wiremock::Request| {
+                let n = issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                ResponseTemplate::new(200).set_body_json(json!({
+                    "token_type": "bearer",
+                    "expires_in": 7200,
+                    "access_token": format!("access-{n}"),
+                    "scope": "tweet.read users.read offline.access",
+                    "refresh_token": format!("refresh-{n}"),
+                }))
+            })
+            .mount(server)
+            .await;
+    }
+
+    /// The requests `server` received at `at`.
+    async fn received(server: &MockServer, at: &str) -> Vec<wiremock::Request> {
+        server.received_requests().await.unwrap().into_iter().filter(|r| r.url.path() == at).collect()
+    }
+
+    fn form(request: &wiremock::Request) -> String {
+        String::from_utf8_lossy(&request.body).into_owned()
+    }
+
+    fn authorization(request: &wiremock::Request) -> &str {
+        request.headers.get("authorization").and_then(|value| value.to_str().ok()).unwrap_or_default()
     }
 
     fn search_fixture() -> Fixture {
@@ -1216,7 +1431,7 @@ mod tests {
             (&|c| c.query = Some("  ".into()), "NothingToPoll"),
             (&|c| c.mentions_of_user_id = Some("../1".into()), "InvalidUserId"),
             (&|c| c.max_results = 5, "InvalidMaxResults"),
-            (&|c| c.bearer_token = SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into()), "Secret"),
+            (&|c| c.bearer_token = Some(SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into())), "Secret"),
         ];
         for (edit, expected) in cases {
             let error = build(edit).unwrap_err();
@@ -1232,5 +1447,169 @@ mod tests {
             "https://api.twitter.com/2/users/783214/mentions"
         );
         std::fs::remove_file(file).unwrap();
+    }
+
+    #[tokio::test]
+    async fn user_context_trades_the_refresh_token_then_polls_with_the_new_access_token() {
+        let server = MockServer::start().await;
+        token_endpoint(&server).await;
+        Mock::given(method("GET"))
+            .and(path(MENTIONS))
+            .and(header("authorization", "Bearer access-1"))
+            .respond_with(mentions_fixture().response())
+            .expect(1)
+            .mount(&server)
+            .await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let source = user_source(user_config(&server, Some("client-s3cret"), Some("783214")), &store);
+        let page = source.poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(page.contributions.len(), 10);
+        assert!(page.contributions.iter().all(|c| c.kind == Kind::Mention));
+        assert_eq!(cursor(&page).mentions.since_id.as_deref(), Some("1578516295611748353"));
+
+        let requests = server.received_requests().await.unwrap();
+        let paths: Vec<&str> = requests.iter().map(|r| r.url.path()).collect();
+        assert_eq!(paths, [TOKEN, MENTIONS], "the token first, then the API");
+        let token = &requests[0];
+        assert_eq!(token.method.as_str(), "POST");
+        assert_eq!(form(token), "grant_type=refresh_token&refresh_token=refresh-0");
+        // A confidential client: HTTP Basic x-client:client-s3cret.
+        assert_eq!(authorization(token), "Basic eC1jbGllbnQ6Y2xpZW50LXMzY3JldA==");
+        let debug = format!("{source:?}");
+        for secret in ["refresh-0", "refresh-1", "access-1", "client-s3cret"] {
+            assert!(!debug.contains(secret), "{secret} leaked into Debug: {debug}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_the_same_token_store_reuses_the_fresh_access_token() {
+        let server = MockServer::start().await;
+        token_endpoint(&server).await;
+        serve(&server, MENTIONS, mentions_fixture().response()).await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let first = user_source(user_config(&server, Some("client-s3cret"), Some("783214")), &store);
+        first.poll(&PollRequest::default()).await.unwrap();
+        drop(first);
+        // The same configuration in a new process, with the same state store.
+        let second = user_source(user_config(&server, Some("client-s3cret"), Some("783214")), &store);
+        second.poll(&PollRequest::default()).await.unwrap();
+        second.check().await.unwrap();
+
+        assert_eq!(received(&server, TOKEN).await.len(), 1, "no refresh while the token is fresh");
+        let api = received(&server, MENTIONS).await;
+        assert_eq!(api.len(), 3);
+        assert!(api.iter().all(|r| authorization(r) == "Bearer access-1"), "{api:?}");
+    }
+
+    #[tokio::test]
+    async fn a_401_gets_one_refresh_with_the_rotated_refresh_token_and_one_retry() {
+        let server = MockServer::start().await;
+        token_endpoint(&server).await;
+        Mock::given(method("GET"))
+            .and(path(MENTIONS))
+            .and(header("authorization", "Bearer access-1"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(json!({
+                "title": "Unauthorized", "type": "about:blank", "status": 401, "detail": "Unauthorized"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path(MENTIONS))
+            .and(header("authorization", "Bearer access-2"))
+            .respond_with(mentions_fixture().response())
+            .mount(&server)
+            .await;
+        let store = Arc::new(MemoryTokenStore::default());
+        // A public client: no secret, `client_id` in the form.
+        let page = user_source(user_config(&server, None, Some("783214")), &store)
+            .poll(&PollRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(page.contributions.len(), 10);
+
+        let tokens = received(&server, TOKEN).await;
+        let forms: Vec<String> = tokens.iter().map(form).collect();
+        assert_eq!(
+            forms,
+            [
+                "grant_type=refresh_token&refresh_token=refresh-0&client_id=x-client",
+                "grant_type=refresh_token&refresh_token=refresh-1&client_id=x-client",
+            ],
+            "the renewal uses the refresh token rotated by the first answer"
+        );
+        assert!(tokens.iter().all(|r| !r.headers.contains_key("authorization")), "a public client sends no Basic");
+        let api: Vec<String> = received(&server, MENTIONS).await.iter().map(|r| authorization(r).to_owned()).collect();
+        assert_eq!(api, ["Bearer access-1", "Bearer access-2"], "one retry");
+
+        // The renewed token (and refresh-2) outlive a restart.
+        let restarted = user_source(user_config(&server, None, Some("783214")), &store);
+        restarted.poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(received(&server, TOKEN).await.len(), 2);
+        assert_eq!(
+            received(&server, MENTIONS).await.last().map(|r| authorization(r).to_owned()).unwrap(),
+            "Bearer access-2"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_refresh_token_is_an_auth_error_that_names_no_secret() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(TOKEN))
+            .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+                "error": "invalid_request", "error_description": "Value passed for the token was invalid."
+            })))
+            .mount(&server)
+            .await;
+        serve(&server, MENTIONS, mentions_fixture().response()).await;
+        let store = Arc::new(MemoryTokenStore::default());
+        let source = user_source(user_config(&server, Some("client-s3cret"), Some("783214")), &store);
+        for error in [source.poll(&PollRequest::default()).await.unwrap_err(), source.check().await.unwrap_err()] {
+            let SourceError::Auth(message) = &error else { panic!("unexpected {error:?}") };
+            assert!(message.contains("invalid_request: Value passed for the token was invalid."), "{message}");
+            for secret in ["refresh-0", "client-s3cret"] {
+                assert!(!message.contains(secret) && !format!("{error:?}").contains(secret), "{secret} leaked");
+            }
+        }
+        assert!(received(&server, MENTIONS).await.is_empty(), "no API call without a token");
+    }
+
+    #[test]
+    fn auth_is_exactly_one_of_bearer_token_and_oauth2() {
+        let oauth2 = json!({"client_id": "x-client", "refresh_token": {"env": "TRIBUTARY_TEST_SURELY_UNSET"}});
+        let config: XConfig = serde_json::from_value(json!({"oauth2": oauth2, "query": "acme"})).unwrap();
+        let user = config.oauth2.as_ref().unwrap();
+        assert_eq!(user.token_url.as_str(), "https://api.x.com/2/oauth2/token");
+        assert!(user.client_secret.is_none() && config.bearer_token.is_none());
+        let unknown = json!({"client_id": "x", "refresh_token": {"env": "X"}, "scope": "tweet.read"});
+        assert!(serde_json::from_value::<XConfig>(json!({"oauth2": unknown, "query": "acme"})).is_err());
+        let incomplete = json!({"client_id": "x"});
+        let error = serde_json::from_value::<XConfig>(json!({"oauth2": incomplete, "query": "acme"})).unwrap_err();
+        assert!(error.to_string().contains("refresh_token"), "{error}");
+
+        let build = |config: &XConfig| XSource::new("brand", config.clone(), HttpOptions::default()).unwrap_err();
+        let both = XConfig { bearer_token: Some(SecretRef::Env("X_BEARER".into())), ..config.clone() };
+        let neither = XConfig { oauth2: None, ..config.clone() };
+        for (config, expected) in [(&both, "BothAuth"), (&neither, "NoAuth")] {
+            let error = build(config);
+            assert!(format!("{error:?}").starts_with(expected), "{error:?}");
+            let message = error.to_string();
+            assert!(message.contains("`bearer_token`") && message.contains("`oauth2`"), "{message}");
+        }
+        let error = build(&config);
+        assert!(matches!(error, BuildError::Secret("oauth2.refresh_token", _)), "{error:?}");
+        assert!(error.to_string().starts_with("x `oauth2.refresh_token`: "), "{error}");
+        let with_oauth2 = |edit: &dyn Fn(&mut XOAuth2Config)| {
+            let mut config = config.clone();
+            edit(config.oauth2.as_mut().unwrap());
+            build(&config)
+        };
+        assert!(matches!(with_oauth2(&|o| o.client_id = "a:b".into()), BuildError::InvalidClientId));
+        assert!(matches!(with_oauth2(&|o| o.client_id = " ".into()), BuildError::InvalidClientId));
+        let ftp = Url::parse("ftp://api.x.com/2/oauth2/token").unwrap();
+        assert!(matches!(with_oauth2(&|o| o.token_url = ftp.clone()), BuildError::InvalidTokenUrl(_)));
+        let secret = with_oauth2(&|o| o.client_secret = Some(SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into())));
+        assert!(matches!(secret, BuildError::Secret("oauth2.client_secret", _)), "{secret:?}");
     }
 }

@@ -223,6 +223,24 @@ impl MockHubSpot {
             .unwrap_or_default()
     }
 
+    /// Archived notes (the recycling bin), keyed like [`MockHubSpot::notes`].
+    pub fn archived_notes(&self) -> BTreeMap<String, MockObject> {
+        let store = self.shared.lock();
+        store
+            .archived
+            .get(NOTES)
+            .map(|notes| {
+                notes
+                    .iter()
+                    .map(|(id, stored)| {
+                        let key = stored.upsert_key.clone().unwrap_or_else(|| format!("id:{id}"));
+                        (key, stored.snapshot(*id))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Every note-to-contact association, as (note id, contact id), sorted.
     pub fn associations(&self) -> Vec<(String, String)> {
         self.shared
@@ -425,7 +443,7 @@ async fn serve(
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let text = serde_json::to_string(&reply.body).unwrap_or_default();
+    let text = if reply.status == 204 { String::new() } else { serde_json::to_string(&reply.body).unwrap_or_default() };
     let mut builder = Response::builder()
         .status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(header::CONTENT_TYPE, "application/json;charset=utf-8");
@@ -595,6 +613,8 @@ fn rate_limited(retry_after_secs: Option<u64>, policy: RateLimitPolicy) -> Reply
 struct Store {
     next_id: u64,
     objects: BTreeMap<&'static str, BTreeMap<u64, Stored>>,
+    /// The recycling bin.
+    archived: BTreeMap<&'static str, BTreeMap<u64, Stored>>,
     /// (from type, from id, to type, to id)
     associations: BTreeSet<(&'static str, u64, &'static str, u64)>,
     properties: BTreeMap<&'static str, BTreeMap<String, Value>>,
@@ -691,6 +711,7 @@ impl Store {
         Store {
             next_id: 1001,
             objects: BTreeMap::from([(CONTACTS, BTreeMap::new()), (NOTES, BTreeMap::new())]),
+            archived: BTreeMap::new(),
             associations: BTreeSet::new(),
             properties,
             groups,
@@ -825,6 +846,7 @@ impl Store {
             ("POST", _) if object_route && template.ends_with("/batch/update") => {
                 with_type(path_type, |t| self.batch_write(t, &body, false))
             }
+            ("POST", "/crm/v3/objects/notes/batch/archive") => with_type(path_type, |t| self.batch_archive(t, &body)),
             ("POST", _) if object_route && template.ends_with("/search") => {
                 with_type(path_type, |t| self.search(t, &body))
             }
@@ -872,6 +894,27 @@ impl Store {
             }),
             _ => Reply::error(501, "NOT_IMPLEMENTED", format!("The mock does not implement {method} {template}")),
         }
+    }
+
+    /// Batch archive: the objects move to the recycling bin (204 whether
+    /// or not they were there).
+    fn batch_archive(&mut self, object_type: &'static str, body: &Value) -> Reply {
+        let inputs = body["inputs"].as_array().cloned().unwrap_or_default();
+        if inputs.len() > BATCH_LIMIT {
+            return Reply::error(
+                400,
+                "VALIDATION_ERROR",
+                format!("Too many inputs: {} were given, the limit is {BATCH_LIMIT}", inputs.len()),
+            );
+        }
+        for input in inputs {
+            let Some(id) = input["id"].as_str().and_then(|id| id.parse::<u64>().ok()) else { continue };
+            if let Some(stored) = self.objects.get_mut(object_type).and_then(|objects| objects.remove(&id)) {
+                self.archived.entry(object_type).or_default().insert(id, stored);
+                self.associations.retain(|(from_type, from, _, _)| !(*from_type == object_type && *from == id));
+            }
+        }
+        Reply::json(204, Value::Null)
     }
 
     /// Batch upsert (`upsert = true`) or update. Invalid values refuse the
