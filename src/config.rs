@@ -594,6 +594,9 @@ impl<'a> Reader<'a> {
         if let Some(daemon) = &daemon {
             self.check_ranges(&index, daemon);
         }
+        if self.secrets == Secrets::Check && self.problems.is_empty() {
+            self.check_builds(&index, crm.as_ref(), &sources);
+        }
 
         match (daemon, crm) {
             (Some(daemon), Some(crm)) if self.problems.is_empty() => {
@@ -734,6 +737,50 @@ impl<'a> Reader<'a> {
                 .and_then(|table| table.get_key_value(key))
                 .map_or(0..0, |(key, _)| key.span());
             self.problem(span, format!("daemon.{key}"), format!("`{key}` {message}"));
+        }
+    }
+
+    /// What serde cannot see (two keys that exclude each other, a value a
+    /// connector refuses): every enabled component is built, offline, and a
+    /// refusal is reported at its table.
+    fn check_builds(&mut self, index: &DeTable<'_>, crm: Option<&CrmConfig>, sources: &BTreeMap<String, SourceConfig>) {
+        let tokens: std::sync::Arc<dyn tributary_sdk::TokenStore> =
+            std::sync::Arc::new(tributary_sdk::MemoryTokenStore::default());
+        let enabled: Vec<(&str, &SourceConfig)> =
+            sources.iter().filter(|(_, source)| source.common.enabled).map(|(n, s)| (n.as_str(), s)).collect();
+        let services = crate::registry::SourceServices::new(tokens, &enabled);
+        for (name, source) in enabled {
+            if let Err(error) = crate::registry::build_source(name, source, &services) {
+                let span = table_at(index, "sources")
+                    .and_then(|table| table.get_key_value(name))
+                    .map_or(0..0, |(key, _)| key.span());
+                let (line, column) = line_column(self.text, span.start);
+                self.problems.push(Problem {
+                    file: self.file.to_owned(),
+                    line,
+                    column,
+                    key: format!("sources.{name}"),
+                    message: error.root_cause().to_string(),
+                    hint: format!(
+                        "the README shows a working `{}` source; config/production.toml documents every key",
+                        source.kind.platform()
+                    ),
+                });
+            }
+        }
+        if let Some(crm) = crm
+            && let Err(error) = crate::registry::build_crm(crm)
+        {
+            let span = index.get_key_value("crm").map_or(0..0, |(key, _)| key.span());
+            let (line, column) = line_column(self.text, span.start);
+            self.problems.push(Problem {
+                file: self.file.to_owned(),
+                line,
+                column,
+                key: "crm".into(),
+                message: error.root_cause().to_string(),
+                hint: "config/production.toml documents every key of the CRM".into(),
+            });
         }
     }
 

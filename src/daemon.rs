@@ -309,9 +309,13 @@ async fn sync(
     // `--since` is a backfill that ignores the cursor; the config's `since`
     // only bounds a first poll.
     let start = pipeline::Start { since: since.or(source_config.common.since.map(|s| s.0)), fresh: since.is_some() };
-    let progress = indicatif::ProgressBar::new_spinner();
+    // With a date to go back to, a bar of the time covered; else a spinner.
+    let (progress, template) = match start.since {
+        Some(_) => (indicatif::ProgressBar::new(1000), "{spinner} {elapsed} [{bar:30}] {percent:>3}% {msg}"),
+        None => (indicatif::ProgressBar::new_spinner(), "{spinner} {elapsed} {msg}"),
+    };
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+        indicatif::ProgressStyle::with_template(template)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     progress.enable_steady_tick(Duration::from_millis(120));
@@ -357,9 +361,28 @@ async fn sync(
         })
     };
     let mut seen = 0u64;
-    let stats = pipeline::poll_source(&*store, name, &source, start, &owner, &cancel, |commit| {
+    // (oldest, newest) of the first page with items, and of all so far.
+    let mut first = None;
+    let mut reached: Option<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = None;
+    let started_at = chrono::Utc::now();
+    let stats = pipeline::poll_source(&*store, name, &source, start, &owner, &cancel, |page| {
+        let commit = &page.commit;
         seen += commit.new + commit.updated + commit.unchanged + commit.quarantined;
-        progress.set_message(format!("{seen} item(s) fetched"));
+        if let (Some(oldest), Some(newest)) = (page.oldest, page.newest) {
+            first = first.or(Some((oldest, newest)));
+            reached = Some(reached.map_or((oldest, newest), |(o, n)| (o.min(oldest), n.max(newest))));
+        }
+        match (start.since, first, reached) {
+            (Some(since), Some(first), Some(reached)) => {
+                progress.set_position(covered_permille(since, started_at, first, reached));
+                progress.set_message(format!(
+                    "{seen} item(s), {} to {}",
+                    reached.0.format("%Y-%m-%d"),
+                    reached.1.format("%Y-%m-%d")
+                ));
+            }
+            _ => progress.set_message(format!("{seen} item(s) fetched")),
+        }
     })
     .await?;
     store.record_poll(name, None).await?;
@@ -382,6 +405,22 @@ async fn sync(
         delivered.skipped
     );
     Ok(())
+}
+
+/// How much of `since..now` a walk has covered, in thousandths. `first` is
+/// the (oldest, newest) of its first page: a walk that starts near `since`
+/// goes oldest first (progress is how far up it came), one that starts near
+/// `now` newest first (how far down).
+fn covered_permille(
+    since: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+    first: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+    reached: (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>),
+) -> u64 {
+    let total = (now - since).num_seconds().max(1) as f64;
+    let oldest_first = first.1 - since < now - first.0;
+    let covered = if oldest_first { reached.1 - since } else { now - reached.0 };
+    ((covered.num_seconds() as f64 / total).clamp(0.0, 1.0) * 1000.0) as u64
 }
 
 async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
@@ -474,6 +513,19 @@ async fn crm_setup(config: &Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_walk_covers_its_window_newest_or_oldest_first() {
+        let now = chrono::Utc::now();
+        let since = now - chrono::Duration::days(10);
+        let day = |n: i64| now - chrono::Duration::days(n);
+        // Newest first (the first page is recent), down to 5 days ago: half.
+        assert_eq!(covered_permille(since, now, (day(1), now), (day(5), now)), 500);
+        // Oldest first (the first page is old), up to 2 days ago: eight tenths.
+        assert_eq!(covered_permille(since, now, (day(10), day(9)), (day(10), day(2))), 800);
+        // Past the window: done, never more.
+        assert_eq!(covered_permille(since, now, (day(1), now), (day(30), now)), 1000);
+    }
 
     #[test]
     fn process_liveness_sees_live_and_dead_processes() {

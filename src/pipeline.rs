@@ -30,6 +30,15 @@ pub enum PollError {
     State(#[from] crate::state::StateError),
 }
 
+/// One committed page, for progress bars.
+#[derive(Debug, Clone, Copy)]
+pub struct PageDone {
+    pub commit: CommitStats,
+    /// Creation times of the oldest and newest contribution of the page.
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest: Option<DateTime<Utc>>,
+}
+
 /// Where a poll starts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Start {
@@ -60,7 +69,7 @@ pub async fn poll_source(
     start: Start,
     owner: &str,
     shutdown: &CancellationToken,
-    mut on_page: impl FnMut(&CommitStats),
+    mut on_page: impl FnMut(&PageDone),
 ) -> Result<PollStats, PollError> {
     let backfill = start.fresh && store.cursor(name).await?.is_some();
     // Never two polls of one source at once, across processes and replicas
@@ -94,7 +103,7 @@ async fn poll_pages(
     backfill: bool,
     lease: &Lease<'_>,
     shutdown: &CancellationToken,
-    on_page: &mut impl FnMut(&CommitStats),
+    on_page: &mut impl FnMut(&PageDone),
 ) -> Result<PollStats, PollError> {
     let (lease_name, owner, lease_ttl) = (lease.name, lease.owner, lease.ttl);
     let mut stats = PollStats::default();
@@ -132,6 +141,8 @@ async fn poll_pages(
         for item in &page.quarantined {
             tracing::warn!(external_id = ?item.external_id, reason = %item.reason, "item quarantined");
         }
+        let oldest = contributions.iter().map(|c| c.created_at).min();
+        let newest = contributions.iter().map(|c| c.created_at).max();
         let next_cursor = page.next_cursor.clone();
         let commit = if backfill {
             store.commit_backfill_page(name, contributions, page.quarantined, start.since, next_cursor.clone()).await?
@@ -151,7 +162,7 @@ async fn poll_pages(
         stats.commit.updated += commit.updated;
         stats.commit.unchanged += commit.unchanged;
         stats.commit.quarantined += commit.quarantined;
-        on_page(&commit);
+        on_page(&PageDone { commit, oldest, newest });
         tracing::debug!(
             page = stats.pages,
             new = commit.new,

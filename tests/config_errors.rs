@@ -110,3 +110,41 @@ fn every_source_type_is_checked_with_line_and_hint() {
         assert!(stderr.contains("hint:"), "{kind}: {stderr}");
     }
 }
+
+/// What only the connector can judge is reported at its table, with a hint,
+/// and new common keys are checked like the others.
+#[test]
+fn connector_refusals_and_on_delete_are_checked_with_line_and_hint() {
+    let table = |fields: &str| {
+        GOOD.replace(
+            "[sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n",
+            &format!("[sources.s]\ntype = \"x\"\nschedule = \"every 5m\"\n{fields}\n"),
+        )
+    };
+    let both = "bearer_token = { env = \"TEST_X_TOKEN\" }\nquery = \"acme\"\n\
+                oauth2 = { client_id = \"app\", refresh_token = { env = \"TEST_X_TOKEN\" } }";
+    for (config, fragments) in [
+        (
+            table(both),
+            vec!["config.toml:10:", "`sources.s`", "not both", "hint: the README shows a working `x` source"],
+        ),
+        (table("query = \"acme\""), vec!["config.toml:10:", "`sources.s`", "bearer_token", "hint:"]),
+        (
+            table("bearer_token = { env = \"TEST_X_TOKEN\" }\nquery = \"acme\"\non_delete = \"shred\""),
+            vec!["config.toml:15:", "`sources.s.on_delete`", "unknown variant `shred`", "hint:"],
+        ),
+    ] {
+        let setup = Setup::new();
+        setup.write_config(&config);
+        let output = setup.run(&["check"], &[("TEST_X_TOKEN", "t")]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{stderr}");
+        for fragment in fragments {
+            assert!(stderr.contains(fragment), "missing {fragment:?} in:\n{stderr}");
+        }
+    }
+    let setup = Setup::new();
+    setup.write_config(&table("bearer_token = { env = \"TEST_X_TOKEN\" }\nquery = \"acme\"\non_delete = \"archive\""));
+    let output = setup.run(&["check"], &[("TEST_X_TOKEN", "t")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}

@@ -201,6 +201,33 @@ async fn notes_are_upserted_associated_and_replays_change_nothing() {
 }
 
 #[tokio::test]
+async fn archived_notes_go_to_the_recycling_bin_and_archiving_twice_is_done() {
+    let h = harness().await;
+    let contact_id = one_contact(&h).await;
+    let activities = [
+        activity(&contact_id, contribution("1", "Export to PDF?", "How do I export?")),
+        activity(&contact_id, contribution("2", "Slow sync", "Sync takes an hour.")),
+    ];
+    let ids = done(h.crm.upsert_activities(&activities).await.unwrap());
+    let archived = done(h.crm.archive_activities(&ids[..1]).await.unwrap());
+    assert_eq!(archived.len(), 1);
+    assert_eq!(h.hubspot.notes().keys().collect::<Vec<_>>(), [&activities[1].key], "the other note stays");
+    assert_eq!(h.hubspot.archived_notes()[&activities[0].key].id, ids[0]);
+    assert_eq!(h.hubspot.associations(), [(ids[1].clone(), contact_id.clone())]);
+    // A replay after a crash: HubSpot answers 204 again, nothing else changes.
+    done(h.crm.archive_activities(&ids[..1]).await.unwrap());
+    assert_eq!(h.hubspot.archived_notes().len(), 1);
+    let calls = h.requests_to("/batch/archive");
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].body.as_ref().unwrap()["inputs"], serde_json::json!([{ "id": ids[0] }]));
+    // More than a batch is sent in chunks of 100.
+    let many: Vec<String> = (0..150).map(|n| (90_000 + n).to_string()).collect();
+    assert_eq!(done(h.crm.archive_activities(&many).await.unwrap()).len(), 150);
+    assert_eq!(h.requests_to("/batch/archive").len(), 4);
+    h.assert_clean();
+}
+
+#[tokio::test]
 async fn a_note_whose_contact_is_gone_is_refused_and_the_others_land() {
     let h = harness().await;
     let contact_id = one_contact(&h).await;
