@@ -40,6 +40,12 @@ pub struct FileContact {
     pub name: Option<String>,
     /// Platform -> handle.
     pub handles: BTreeMap<String, String>,
+    /// Platform -> the person's account id there.
+    #[serde(default)]
+    pub user_ids: BTreeMap<String, String>,
+    /// Platform -> address of the person's profile there.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, String>,
     pub rollup: Option<Rollup>,
 }
 
@@ -180,8 +186,16 @@ impl Crm for FileCrm {
                     id
                 }
             };
-            if let (Some(contact), Some(handle)) = (data.contacts.get_mut(&id), &input.handle) {
-                contact.handles.insert(input.platform.clone(), handle.clone());
+            if let Some(contact) = data.contacts.get_mut(&id) {
+                if let Some(handle) = &input.handle {
+                    contact.handles.insert(input.platform.clone(), handle.clone());
+                }
+                if let Some(user_id) = input.identity.strip_prefix(&format!("{}:", input.platform)) {
+                    contact.user_ids.insert(input.platform.clone(), user_id.to_owned());
+                }
+                if let Some(url) = &input.profile_url {
+                    contact.profiles.insert(input.platform.clone(), url.clone());
+                }
             }
             outcomes.push(RecordOutcome::Done(id));
         }
@@ -298,6 +312,7 @@ mod tests {
         let data = FileCrmData::read(&path).unwrap();
         assert_eq!(data.contacts.len(), 1);
         assert_eq!(data.contacts[&contact_id].handles.len(), 2);
+        assert_eq!(data.contacts[&contact_id].user_ids["forum"], "u1");
         assert_eq!(data.activities.len(), 1);
         assert_eq!(data.activities["k1"].body, "hi, edited");
         assert_eq!(data.activities["k1"].revisions, 1);

@@ -44,7 +44,9 @@ use url::Url;
 
 use self::{
     batch::{BatchInput, Names, Written},
-    properties::{PropertySpec, contact_properties, handle_property, note_properties},
+    properties::{
+        PropertySpec, contact_properties, handle_property, note_properties, profile_property, user_id_property,
+    },
 };
 
 const DEFAULT_BASE_URL: &str = "https://api.hubapi.com";
@@ -386,8 +388,16 @@ impl HubSpotCrm {
                 continue;
             }
             let mut properties = Map::new();
+            // The person's identity on this platform, for identity resolution across platforms.
             if let Some(handle) = contact.handle.as_deref().map(str::trim).filter(|h| !h.is_empty()) {
                 properties.insert(handle_property(&self.prefix, &contact.platform), json!(handle));
+            }
+            let platform_prefix = format!("{}:", contact.platform);
+            if let Some(user_id) = contact.identity.trim().strip_prefix(&platform_prefix).filter(|id| !id.is_empty()) {
+                properties.insert(user_id_property(&self.prefix, &contact.platform), json!(user_id));
+            }
+            if let Some(url) = contact.profile_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+                properties.insert(profile_property(&self.prefix, &contact.platform), json!(url));
             }
             if email.is_none() {
                 properties.insert(identity_property.clone(), json!(id));

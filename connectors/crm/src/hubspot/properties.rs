@@ -109,7 +109,18 @@ pub(crate) fn handle_property(prefix: &str, platform: &str) -> String {
     format!("{prefix}handle_{}", platform_slug(platform))
 }
 
-/// The contact properties: identity, one handle per platform, rollups.
+/// The contact property holding a person's account id on `platform`.
+pub(crate) fn user_id_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}user_id_{}", platform_slug(platform))
+}
+
+/// The contact property holding the address of a person's profile on `platform`.
+pub(crate) fn profile_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}profile_{}", platform_slug(platform))
+}
+
+/// The contact properties: identity, per platform the handle, account id
+/// and profile address, rollups.
 pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<PropertySpec> {
     use PropertyKind::*;
     let mut properties = vec![
@@ -133,6 +144,20 @@ pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<Prop
             &format!("Handle on {platform}"),
             Text,
             &format!("The person's handle on {platform}, as Tributary saw it."),
+        ));
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("user_id_{slug}"),
+            &format!("User id on {platform}"),
+            Text,
+            &format!("The person's account id on {platform}: what identity resolution links on."),
+        ));
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("profile_{slug}"),
+            &format!("Profile on {platform}"),
+            Text,
+            &format!("Address of the person's profile on {platform}."),
         ));
     }
     properties.extend([
@@ -237,7 +262,18 @@ mod tests {
     fn definitions_have_the_types_hubspot_expects() {
         let contacts = contact_properties("t_", &["forum".into(), "Forum".into(), "social".into()]);
         let names: Vec<&str> = contacts.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(&names[..3], ["t_identity", "t_handle_forum", "t_handle_social"]);
+        assert_eq!(
+            &names[..7],
+            [
+                "t_identity",
+                "t_handle_forum",
+                "t_user_id_forum",
+                "t_profile_forum",
+                "t_handle_social",
+                "t_user_id_social",
+                "t_profile_social"
+            ]
+        );
         assert!(contacts[0].unique);
         let at = contacts.iter().find(|p| p.name == "t_last_contribution_at").unwrap();
         let body = at.create_body("t");

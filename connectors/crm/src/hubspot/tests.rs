@@ -108,6 +108,8 @@ async fn contacts_are_upserted_by_email_or_identity_and_found_again() {
         contact("social", "42", None, "rustacean_42", "rustacean_42"),
         contact("support", "9", Some("maya.chen@example.com"), "maya.chen@example.com", "Maya"),
     ];
+    let mut contacts = contacts;
+    contacts[1].profile_url = Some("https://social.example/@rustacean_42".into());
     let first = done(h.crm.upsert_contacts(&contacts).await.unwrap());
     // The same e-mail twice in one call is one contact.
     assert_eq!(first[0], first[2]);
@@ -119,8 +121,12 @@ async fn contacts_are_upserted_by_email_or_identity_and_found_again() {
     // (contact, property, expected value); None = must not be written.
     let maya = h.hubspot.contact_by("email", "maya.chen@example.com").unwrap();
     let rusty = h.hubspot.contact_by("tributary_identity", "social:42").unwrap();
-    let checks: [(&mock::MockObject, &str, Option<&str>); 7] = [
+    let checks: [(&mock::MockObject, &str, Option<&str>); 11] = [
         (&maya, "tributary_handle_forum", Some("mayac")),
+        (&maya, "tributary_user_id_forum", Some("7")),
+        (&maya, "tributary_user_id_support", Some("9")),
+        (&rusty, "tributary_user_id_social", Some("42")),
+        (&rusty, "tributary_profile_social", Some("https://social.example/@rustacean_42")),
         (&maya, "tributary_handle_support", Some("maya.chen@example.com")),
         (&maya, "firstname", None),
         (&maya, "tributary_identity", None),
@@ -454,6 +460,8 @@ async fn setup_creates_everything_once() {
         "contacts/tributary_identity",
         "contacts/tributary_handle_forum",
         "contacts/tributary_handle_stack_exchange",
+        "contacts/tributary_user_id_stack_exchange",
+        "contacts/tributary_profile_forum",
         "contacts/tributary_sentiment_avg",
         "notes/groups/tributary",
         "notes/tributary_key",
