@@ -207,38 +207,12 @@ impl MockHubSpot {
     /// Every note, keyed by the value of the unique property it was upserted
     /// by (`tributary_key`), or by `id:<id>` when it has none.
     pub fn notes(&self) -> BTreeMap<String, MockObject> {
-        let store = self.shared.lock();
-        store
-            .objects
-            .get(NOTES)
-            .map(|notes| {
-                notes
-                    .iter()
-                    .map(|(id, stored)| {
-                        let key = stored.upsert_key.clone().unwrap_or_else(|| format!("id:{id}"));
-                        (key, stored.snapshot(*id))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        keyed_notes(self.shared.lock().objects.get(NOTES))
     }
 
     /// Archived notes (the recycling bin), keyed like [`MockHubSpot::notes`].
     pub fn archived_notes(&self) -> BTreeMap<String, MockObject> {
-        let store = self.shared.lock();
-        store
-            .archived
-            .get(NOTES)
-            .map(|notes| {
-                notes
-                    .iter()
-                    .map(|(id, stored)| {
-                        let key = stored.upsert_key.clone().unwrap_or_else(|| format!("id:{id}"));
-                        (key, stored.snapshot(*id))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        keyed_notes(self.shared.lock().archived.get(NOTES))
     }
 
     /// Every note-to-contact association, as (note id, contact id), sorted.
@@ -354,6 +328,18 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Store> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Notes keyed by their upsert key (`tributary_key`), or `id:<id>` without one.
+fn keyed_notes(notes: Option<&BTreeMap<u64, Stored>>) -> BTreeMap<String, MockObject> {
+    notes
+        .into_iter()
+        .flatten()
+        .map(|(id, stored)| {
+            let key = stored.upsert_key.clone().unwrap_or_else(|| format!("id:{id}"));
+            (key, stored.snapshot(*id))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
