@@ -1,0 +1,1 @@
+//! freshdesk source: being written.

@@ -1,0 +1,1 @@
+//! http source: being written.

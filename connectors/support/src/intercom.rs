@@ -1,0 +1,1 @@
+//! intercom source: being written.

@@ -1,0 +1,1 @@
+//! zendesk source: being written.
