@@ -258,6 +258,14 @@ pub enum SourceKind {
     X(tributary_social::x::XConfig),
     #[cfg(feature = "youtube")]
     Youtube(tributary_social::youtube::YoutubeConfig),
+    #[cfg(feature = "zendesk")]
+    Zendesk(tributary_support::zendesk::ZendeskConfig),
+    #[cfg(feature = "freshdesk")]
+    Freshdesk(tributary_support::freshdesk::FreshdeskConfig),
+    #[cfg(feature = "intercom")]
+    Intercom(tributary_support::intercom::IntercomConfig),
+    #[cfg(feature = "http")]
+    Http(Box<tributary_support::http::HttpSourceConfig>),
     Demo(tributary_demo::DemoConfig),
 }
 
@@ -282,12 +290,20 @@ const SOURCE_TYPES: &[&str] = &[
     "x",
     #[cfg(feature = "youtube")]
     "youtube",
+    #[cfg(feature = "zendesk")]
+    "zendesk",
+    #[cfg(feature = "freshdesk")]
+    "freshdesk",
+    #[cfg(feature = "intercom")]
+    "intercom",
+    #[cfg(feature = "http")]
+    "http",
     "demo",
 ];
 
 impl SourceKind {
     /// The platforms written on this source's contributions.
-    pub fn platforms(&self) -> Vec<&'static str> {
+    pub fn platforms(&self) -> Vec<&str> {
         #[allow(unreachable_patterns)] // in builds with the demo source only
         match self {
             SourceKind::Demo(_) => tributary_demo::PLATFORMS.to_vec(),
@@ -295,7 +311,7 @@ impl SourceKind {
         }
     }
 
-    pub fn platform(&self) -> &'static str {
+    pub fn platform(&self) -> &str {
         match self {
             #[cfg(feature = "discourse")]
             SourceKind::Discourse(_) => "discourse",
@@ -317,6 +333,14 @@ impl SourceKind {
             SourceKind::X(_) => "x",
             #[cfg(feature = "youtube")]
             SourceKind::Youtube(_) => "youtube",
+            #[cfg(feature = "zendesk")]
+            SourceKind::Zendesk(_) => "zendesk",
+            #[cfg(feature = "freshdesk")]
+            SourceKind::Freshdesk(_) => "freshdesk",
+            #[cfg(feature = "intercom")]
+            SourceKind::Intercom(_) => "intercom",
+            #[cfg(feature = "http")]
+            SourceKind::Http(c) => c.platform(),
             SourceKind::Demo(_) => "demo",
         }
     }
@@ -507,7 +531,7 @@ impl Config {
     /// The platforms of every configured source (for `crm setup`).
     pub fn platforms(&self) -> Vec<String> {
         let mut platforms: Vec<String> =
-            self.sources.values().flat_map(|s| s.kind.platforms()).map(|p| (*p).to_owned()).collect();
+            self.sources.values().flat_map(|s| s.kind.platforms()).map(str::to_owned).collect();
         platforms.sort();
         platforms.dedup();
         platforms
@@ -647,6 +671,14 @@ impl<'a> Reader<'a> {
             "x" => self.section(index, &key, rest).map(SourceKind::X),
             #[cfg(feature = "youtube")]
             "youtube" => self.section(index, &key, rest).map(SourceKind::Youtube),
+            #[cfg(feature = "zendesk")]
+            "zendesk" => self.section(index, &key, rest).map(SourceKind::Zendesk),
+            #[cfg(feature = "freshdesk")]
+            "freshdesk" => self.section(index, &key, rest).map(SourceKind::Freshdesk),
+            #[cfg(feature = "intercom")]
+            "intercom" => self.section(index, &key, rest).map(SourceKind::Intercom),
+            #[cfg(feature = "http")]
+            "http" => self.section(index, &key, rest).map(|c| SourceKind::Http(Box::new(c))),
             "demo" => self.section(index, &key, rest).map(SourceKind::Demo),
             other => {
                 self.unknown_type(kind_span, &format!("{key}.type"), other, SOURCE_TYPES);
@@ -751,16 +783,26 @@ impl<'a> Reader<'a> {
         let services = crate::registry::SourceServices::new(tokens, &enabled);
         for (name, source) in enabled {
             if let Err(error) = crate::registry::build_source(name, source, &services) {
-                let span = table_at(index, "sources")
-                    .and_then(|table| table.get_key_value(name))
-                    .map_or(0..0, |(key, _)| key.span());
+                let message = error.root_cause().to_string();
+                // At the key the connector names in backticks, when the table has it; else at the table.
+                let table = table_at(index, "sources").and_then(|table| table.get_key_value(name));
+                let named = table.and_then(|(_, value)| match value.get_ref() {
+                    DeValue::Table(inner) => {
+                        backticked(&message).find_map(|path| key_span(inner, path).map(|s| (path, s)))
+                    }
+                    _ => None,
+                });
+                let (key, span) = match named {
+                    Some((path, span)) => (format!("sources.{name}.{path}"), span),
+                    None => (format!("sources.{name}"), table.map_or(0..0, |(key, _)| key.span())),
+                };
                 let (line, column) = line_column(self.text, span.start);
                 self.problems.push(Problem {
                     file: self.file.to_owned(),
                     line,
                     column,
-                    key: format!("sources.{name}"),
-                    message: error.root_cause().to_string(),
+                    key,
+                    message,
                     hint: format!(
                         "the README shows a working `{}` source; config/production.toml documents every key",
                         source.kind.platform()
@@ -862,6 +904,20 @@ fn table_at<'t, 'i>(root: &'t DeTable<'i>, path: &str) -> Option<&'t DeTable<'i>
         Some(DeValue::Table(inner)) => Some(inner),
         _ => None,
     })
+}
+
+/// The words of a message written in backticks.
+fn backticked(message: &str) -> impl Iterator<Item = &str> {
+    message.split('`').skip(1).step_by(2)
+}
+
+/// The span of the key at dotted `path` in `table`.
+fn key_span(table: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((parent, last)) => (table_at(table, parent)?, last),
+        None => (table, path),
+    };
+    parent.get_key_value(last).map(|(key, _)| key.span())
 }
 
 /// The dotted path of the deepest key whose key or value covers `offset`.

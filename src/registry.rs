@@ -79,6 +79,14 @@ fn rate_budget_key(kind: &SourceKind) -> Option<String> {
         ),
         #[cfg(feature = "youtube")]
         SourceKind::Youtube(c) => format!("youtube {} {:?}", c.base_url, c.api_key),
+        #[cfg(feature = "zendesk")]
+        SourceKind::Zendesk(c) => format!("zendesk {}", c.credential_key()),
+        #[cfg(feature = "freshdesk")]
+        SourceKind::Freshdesk(c) => format!("freshdesk {}", c.credential_key()),
+        #[cfg(feature = "intercom")]
+        SourceKind::Intercom(c) => format!("intercom {}", c.credential_key()),
+        #[cfg(feature = "http")]
+        SourceKind::Http(c) => format!("http {}", c.credential_key()),
         SourceKind::Demo(_) => return None,
     };
     Some(key)
@@ -99,7 +107,11 @@ fn user_agent() -> String {
         feature = "reddit",
         feature = "stackexchange",
         feature = "x",
-        feature = "youtube"
+        feature = "youtube",
+        feature = "zendesk",
+        feature = "freshdesk",
+        feature = "intercom",
+        feature = "http"
     )),
     allow(unused_variables)
 )]
@@ -163,6 +175,26 @@ pub fn build_source(name: &str, config: &SourceConfig, services: &SourceServices
         #[cfg(feature = "youtube")]
         SourceKind::Youtube(c) => Arc::new(
             tributary_social::youtube::YoutubeSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "zendesk")]
+        SourceKind::Zendesk(c) => Arc::new(
+            tributary_support::zendesk::ZendeskSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "freshdesk")]
+        SourceKind::Freshdesk(c) => Arc::new(
+            tributary_support::freshdesk::FreshdeskSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "intercom")]
+        SourceKind::Intercom(c) => Arc::new(
+            tributary_support::intercom::IntercomSource::new(name, c.clone(), http)
+                .with_context(|| format!("cannot build source `{name}`"))?,
+        ),
+        #[cfg(feature = "http")]
+        SourceKind::Http(c) => Arc::new(
+            tributary_support::http::HttpSource::new(name, (**c).clone(), http)
                 .with_context(|| format!("cannot build source `{name}`"))?,
         ),
         SourceKind::Demo(c) => Arc::new(tributary_demo::DemoSource::new(name, c.clone())),

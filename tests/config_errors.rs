@@ -126,7 +126,12 @@ fn connector_refusals_and_on_delete_are_checked_with_line_and_hint() {
     for (config, fragments) in [
         (
             table(both),
-            vec!["config.toml:10:", "`sources.s`", "not both", "hint: the README shows a working `x` source"],
+            vec![
+                "config.toml:13:",
+                "`sources.s.bearer_token`",
+                "not both",
+                "hint: the README shows a working `x` source",
+            ],
         ),
         (table("query = \"acme\""), vec!["config.toml:10:", "`sources.s`", "bearer_token", "hint:"]),
         (
