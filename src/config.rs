@@ -884,8 +884,10 @@ fn explain(message: String) -> (String, String) {
         "the top-level tables are `[daemon]`, `[crm]` and `[sources.NAME]`"
     } else if message.contains("missing") {
         "see config/demo.toml for a complete example"
+    } else if message.contains("JSON pointer") || message.contains("placeholder") || message.contains("template") {
+        "pointers are RFC 6901 (`/items/0/id`); connectors/support/examples/ holds complete `http` definitions"
     } else {
-        ""
+        "config/production.toml and the README document every key"
     };
     (message, hint.to_owned())
 }

@@ -91,6 +91,10 @@ fn every_source_type_is_checked_with_line_and_hint() {
         ("stackexchange", "site = \"stackoverflow\"\ntags = [\"acme\"]"),
         ("x", "bearer_token = { env = \"TEST_YOUTUBE_KEY\" }\nquery = \"acme -is:retweet\""),
         ("youtube", "api_key = { env = \"TEST_YOUTUBE_KEY\" }\nvideo_ids = [\"abc\"]"),
+        ("zendesk", "subdomain = \"acme\"\nemail = \"admin@acme.example\"\napi_token = { env = \"TEST_YOUTUBE_KEY\" }"),
+        ("freshdesk", "domain = \"acme\"\napi_key = { env = \"TEST_YOUTUBE_KEY\" }"),
+        ("intercom", "access_token = { env = \"TEST_YOUTUBE_KEY\" }"),
+        ("http", HTTP_SOURCE),
     ];
     for (kind, fields) in sources {
         let table = format!("[sources.s]\ntype = \"{kind}\"\nschedule = \"every 5m\"\n{fields}\n");
@@ -152,4 +156,93 @@ fn connector_refusals_and_on_delete_are_checked_with_line_and_hint() {
     setup.write_config(&table("bearer_token = { env = \"TEST_X_TOKEN\" }\nquery = \"acme\"\non_delete = \"archive\""));
     let output = setup.run(&["check"], &[("TEST_X_TOKEN", "t")]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A minimal declarative source; its tables come last so keys can follow.
+const HTTP_SOURCE: &str = r#"platform = "forum"
+url = "https://forum.example.com/api/posts?since={since_unix}"
+items = "/posts"
+watermark = "created_at"
+pagination = { kind = "none" }
+fields = { id = "/id", created_at = { pointer = "/created", transform = "unix" }, body = "/text" }"#;
+
+/// The mistakes an administrator makes in a declarative definition are
+/// reported by `check` at their line, with a hint.
+#[test]
+fn declarative_definition_mistakes_are_reported_at_their_line() {
+    let config = |fields: &str| {
+        GOOD.replace(
+            "[sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n",
+            &format!("[sources.s]\ntype = \"http\"\nschedule = \"every 5m\"\n{fields}\n"),
+        )
+    };
+    // `[sources.s]` is line 10; in HTTP_SOURCE `items` is line 15, `pagination` 17.
+    for (mistake, fragments) in [
+        (
+            HTTP_SOURCE.replace("items = \"/posts\"", "items = \"posts\""),
+            vec!["config.toml:15:", "`sources.s.items`", "pointer", "hint: pointers are RFC 6901"],
+        ),
+        (
+            HTTP_SOURCE.replace("kind = \"none\"", "kind = \"scroll\""),
+            vec!["config.toml:17:", "`sources.s.pagination", "scroll", "hint:"],
+        ),
+        (
+            HTTP_SOURCE.replace("watermark = \"created_at\"\n", ""),
+            vec!["config.toml:10:", "`sources.s`", "watermark", "hint:"],
+        ),
+    ] {
+        let setup = Setup::new();
+        setup.write_config(&config(&mistake));
+        let output = setup.run(&["check"], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "{stderr}");
+        for fragment in fragments {
+            assert!(stderr.contains(fragment), "missing {fragment:?} in:\n{stderr}");
+        }
+    }
+}
+
+/// Every source example of the README checks clean: the examples work.
+#[test]
+fn the_readme_source_examples_check_clean() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .filter(|block| block.trim_start().starts_with("[sources."))
+        .collect();
+    assert!(blocks.len() >= 3, "the README's source examples were not found");
+    let sources = blocks.concat();
+    let names: Vec<&str> = sources
+        .lines()
+        .filter_map(|line| line.strip_prefix("[sources.")?.split(']').next())
+        .filter(|name| !name.contains('.'))
+        .collect();
+    for kind in ["discourse", "reddit", "x", "zendesk", "freshdesk", "intercom", "http"] {
+        assert!(sources.contains(&format!("type = \"{kind}\"")), "no README example of `{kind}`");
+    }
+    let setup = Setup::new();
+    setup.write_config(&format!(
+        "[daemon]\nstate = \"sqlite://{{dir}}/state.db\"\n[crm]\ntype = \"file\"\npath = \"{{dir}}/crm.json\"\n{sources}"
+    ));
+    // Every secret the examples reference, set.
+    let credentials = setup.path("credentials");
+    std::fs::create_dir_all(&credentials).unwrap();
+    let mut env: Vec<(String, String)> = vec![("CREDENTIALS_DIRECTORY".into(), credentials.display().to_string())];
+    for (marker, is_env) in [("env = \"", true), ("file = \"", false)] {
+        for piece in sources.split(marker).skip(1) {
+            let name = piece.split('"').next().unwrap();
+            if is_env {
+                env.push((name.to_owned(), "example-secret".into()));
+            } else {
+                std::fs::write(credentials.join(name), "example-secret\n").unwrap();
+            }
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let output = setup.run(&["check"], &env);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains(&format!("{} source(s)", names.len())), "{stdout}");
 }

@@ -11,28 +11,31 @@ use wiremock::{
     matchers::{method, path, query_param},
 };
 
-/// A Freshdesk whose one ticket (the recorded `ticket_with_stats_requester`,
-/// requester `dummyname@example.com`) has the recorded conversations.
-async fn freshdesk() -> MockServer {
-    let server = MockServer::start().await;
+/// The recorded `ticket_with_stats_requester` (requester `dummyname@example.com`).
+fn ticket() -> serde_json::Value {
+    Fixture::load("freshdesk", "ticket_with_stats_requester").body
+}
+
+/// Serves `live` as the ticket list and `deleted` as `filter=deleted`, with
+/// the recorded conversations of ticket 1.
+async fn serve_freshdesk(server: &MockServer, live: Vec<serde_json::Value>, deleted: Vec<serde_json::Value>) {
+    server.reset().await;
     Mock::given(method("GET"))
         .and(path("/api/v2/tickets"))
         .and(query_param("filter", "deleted"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([])))
-        .mount(&server)
+        .respond_with(ResponseTemplate::new(200).set_body_json(deleted))
+        .mount(server)
         .await;
-    let ticket = Fixture::load("freshdesk", "ticket_with_stats_requester").body;
     Mock::given(method("GET"))
         .and(path("/api/v2/tickets"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!([ticket])))
-        .mount(&server)
+        .respond_with(ResponseTemplate::new(200).set_body_json(live))
+        .mount(server)
         .await;
     Mock::given(method("GET"))
         .and(path("/api/v2/tickets/1/conversations"))
         .respond_with(Fixture::load("freshdesk", "ticket_conversations").response())
-        .mount(&server)
+        .mount(server)
         .await;
-    server
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +49,8 @@ async fn a_ticket_and_forum_posts_with_one_email_land_on_one_contact() {
         })))
         .mount(&forum)
         .await;
-    let support = freshdesk().await;
+    let support = MockServer::start().await;
+    serve_freshdesk(&support, vec![ticket()], vec![]).await;
     let setup = Setup::new();
     setup.write_config(&format!(
         r#"
@@ -67,6 +71,7 @@ base_url = "{support}"
 api_key = {{ env = "TEST_FRESHDESK_KEY" }}
 schedule = "every 10m"
 since = "2016-01-01"
+on_delete = "archive"
 "#,
         forum = forum.uri(),
         support = support.uri()
@@ -102,4 +107,40 @@ since = "2016-01-01"
         let stdout = String::from_utf8_lossy(&again.stdout);
         assert!(stdout.contains("0 new, 0 updated"), "{source}: {stdout}");
     }
+
+    // The ticket is updated: its activity is rewritten, not added.
+    let ticket_activity = |crm: &serde_json::Value| {
+        crm["activities"]
+            .as_object()
+            .unwrap()
+            .values()
+            .find(|a| a["platform"] == "freshdesk" && a["kind"] == "ticket")
+            .cloned()
+            .expect("the ticket's activity")
+    };
+    let activities = crm["activities"].as_object().unwrap().len();
+    let mut updated = ticket();
+    updated["description_text"] = "This is a sample ticket. Update: still broken after the upgrade.".into();
+    updated["description"] = "<div>This is a sample ticket. Update: still broken after the upgrade.</div>".into();
+    updated["updated_at"] = "2016-05-20T09:00:00Z".into();
+    serve_freshdesk(&support, vec![updated.clone()], vec![]).await;
+    let sync = setup.run(&["sync", "helpdesk"], &env);
+    assert!(String::from_utf8_lossy(&sync.stdout).contains("1 updated"), "{}", String::from_utf8_lossy(&sync.stdout));
+    let crm = read_json(&setup.path("crm.json")).unwrap();
+    assert_eq!(crm["activities"].as_object().unwrap().len(), activities, "an update added an activity");
+    let activity = ticket_activity(&crm);
+    assert!(activity["body"].as_str().unwrap().contains("still broken"), "{activity:#}");
+    assert_eq!(activity["revisions"], 1);
+
+    // The ticket is deleted in Freshdesk: `on_delete = "archive"` archives its activity.
+    updated["deleted"] = true.into();
+    serve_freshdesk(&support, vec![], vec![updated]).await;
+    let sync = setup.run(&["sync", "helpdesk"], &env);
+    assert!(sync.status.success(), "{}", stderr(&sync));
+    let crm = read_json(&setup.path("crm.json")).unwrap();
+    let activity = ticket_activity(&crm);
+    assert_eq!(activity["archived"], true, "{activity:#}");
+    assert!(activity["body"].as_str().unwrap().contains("still broken"), "archived as it was");
+    let person = crm["contacts"].as_object().unwrap().values().find(|c| c["id"] == activity["contact_id"]).unwrap();
+    assert_eq!(person["rollup"]["contribution_count"].as_u64(), Some(platforms.len() as u64 - 1), "{person:#}");
 }
