@@ -181,13 +181,7 @@ impl DiscourseSource {
 
     /// `base_url` with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.config.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.config.base_url, segments)
     }
 
     async fn get(&self, url: Url) -> Result<HttpResponse, HttpError> {

@@ -111,6 +111,18 @@ impl From<crate::oauth::OAuthError> for SourceError {
     }
 }
 
+/// `base` with `segments` appended as path segments (each percent-encoded),
+/// without `base`'s query or fragment: the one way connectors build API URLs.
+pub fn endpoint(base: &url::Url, segments: &[&str]) -> url::Url {
+    let mut url = base.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
 /// What a source makes of a final answer: 2xx goes on, 401/403 are
 /// refused credentials, anything else is an error naming the status.
 pub fn check_status(response: &HttpResponse) -> Result<(), SourceError> {

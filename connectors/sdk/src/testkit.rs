@@ -87,3 +87,26 @@ impl Fixture {
 pub async fn mock_server() -> MockServer {
     MockServer::start().await
 }
+
+/// Polls `source` until its round is over (`has_more` false), `since` on the
+/// first call only (the cursor carries it on), as the daemon does; panics past
+/// `max_pages` (a round that never ends) or on an error.
+pub async fn poll_round(
+    source: &dyn crate::Source,
+    cursor: Option<crate::Cursor>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    max_pages: usize,
+) -> Vec<crate::Page> {
+    let mut pages = Vec::new();
+    let mut request = crate::PollRequest { cursor, since };
+    loop {
+        let page = source.poll(&request).await.unwrap_or_else(|error| panic!("poll failed: {error}"));
+        request = crate::PollRequest { cursor: page.next_cursor.clone().or(request.cursor), since: None };
+        let more = page.has_more;
+        pages.push(page);
+        assert!(pages.len() < max_pages, "the round does not end");
+        if !more {
+            return pages;
+        }
+    }
+}

@@ -302,13 +302,7 @@ impl GitHubSource {
 
     /// `base_url` with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.base_url, segments)
     }
 
     /// The first page of a pass: from `since` oldest first, or the newest page.
@@ -934,18 +928,7 @@ mod tests {
 
     /// Polls until the round is over; `since` only on the first call.
     async fn round(source: &GitHubSource, cursor: Option<Cursor>, since: Option<DateTime<Utc>>) -> Vec<Page> {
-        let mut pages = Vec::new();
-        let mut request = PollRequest { cursor, since };
-        loop {
-            let page = source.poll(&request).await.unwrap();
-            request = PollRequest { cursor: page.next_cursor.clone().or(request.cursor), since: None };
-            let more = page.has_more;
-            pages.push(page);
-            assert!(pages.len() < 20, "the round does not end");
-            if !more {
-                return pages;
-            }
-        }
+        tributary_sdk::testkit::poll_round(source, cursor, since, 20).await
     }
 
     fn cursor(page: &Page) -> GitHubCursor {

@@ -308,13 +308,7 @@ impl RedditSource {
 
     /// `base_url` with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.config.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.config.base_url, segments)
     }
 
     fn listing_url(&self, stream: &Stream, after: Option<&str>, limit: u32) -> Url {

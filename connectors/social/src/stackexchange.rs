@@ -441,12 +441,7 @@ impl StackExchangeSource {
 
     /// `base_url` with `segments` appended, and the query every call shares.
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.config.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
+        let mut url = tributary_sdk::source::endpoint(&self.config.base_url, segments);
         url.query_pairs_mut().append_pair("site", &self.config.site);
         url
     }

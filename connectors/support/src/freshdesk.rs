@@ -384,11 +384,7 @@ impl FreshdeskSource {
 
     /// The root URL with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.root.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.root, segments)
     }
 
     /// One page of a ticket stream, oldest change first from `since`.
@@ -1024,18 +1020,7 @@ mod tests {
     /// Polls until the round is over; `since` only on the first call (the
     /// cursor carries it on).
     async fn round(source: &FreshdeskSource, cursor: Option<Cursor>, since: Option<&str>) -> Vec<Page> {
-        let mut pages = Vec::new();
-        let mut request = PollRequest { cursor, since: since.map(at) };
-        loop {
-            let page = source.poll(&request).await.unwrap();
-            request = PollRequest { cursor: page.next_cursor.clone().or(request.cursor), since: None };
-            let more = page.has_more;
-            pages.push(page);
-            assert!(pages.len() < 30, "the round does not end");
-            if !more {
-                return pages;
-            }
-        }
+        tributary_sdk::testkit::poll_round(source, cursor, since.map(at), 30).await
     }
 
     fn cursor(page: &Page) -> FreshdeskCursor {

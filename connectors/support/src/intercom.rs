@@ -297,13 +297,7 @@ impl IntercomSource {
 
     /// `base_url` with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.base_url, segments)
     }
 
     /// Sends a request with the API's headers; the answer whatever its status.

@@ -379,13 +379,7 @@ impl ZendeskSource {
 
     /// `base_url` with `segments` appended as path segments (encoded).
     fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut url = self.base_url.clone();
-        url.set_query(None);
-        url.set_fragment(None);
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
+        tributary_sdk::source::endpoint(&self.base_url, segments)
     }
 
     /// The next export page: after the stored `after_cursor`, else from a
@@ -1114,18 +1108,7 @@ mod tests {
     /// Polls until `has_more` is off; `since` only on the first call.
     async fn run(source: &ZendeskSource, cursor: Option<Cursor>, since: Option<i64>) -> Vec<Page> {
         let since = since.and_then(|since| DateTime::from_timestamp(since, 0));
-        let mut pages = Vec::new();
-        let mut request = PollRequest { cursor, since };
-        loop {
-            let page = source.poll(&request).await.unwrap();
-            request = PollRequest { cursor: page.next_cursor.clone().or(request.cursor), since: None };
-            let more = page.has_more;
-            pages.push(page);
-            assert!(pages.len() < 300, "the round does not end");
-            if !more {
-                return pages;
-            }
-        }
+        tributary_sdk::testkit::poll_round(source, cursor, since, 300).await
     }
 
     fn state(page: &Page) -> ZendeskCursor {
