@@ -364,9 +364,23 @@ impl HttpClient {
 
 /// How long the rate-limit headers of a response ask the next request to wait.
 fn budget_wait(headers: &HeaderMap) -> Option<Duration> {
-    const REMAINING: [&str; 4] =
-        ["x-ratelimit-remaining", "ratelimit-remaining", "x-rate-limit-remaining", "x-hubspot-ratelimit-remaining"];
-    const LIMIT: [&str; 4] = ["x-ratelimit-limit", "ratelimit-limit", "x-rate-limit-limit", "x-hubspot-ratelimit-max"];
+    const REMAINING: [&str; 5] = [
+        "x-ratelimit-remaining",
+        "ratelimit-remaining",
+        "x-rate-limit-remaining",
+        "rate-limit-remaining",
+        "x-hubspot-ratelimit-remaining",
+    ];
+    // Zendesk names its limit `x-rate-limit` (and `rate-limit`).
+    const LIMIT: [&str; 7] = [
+        "x-ratelimit-limit",
+        "ratelimit-limit",
+        "x-rate-limit-limit",
+        "x-rate-limit",
+        "rate-limit-limit",
+        "rate-limit",
+        "x-hubspot-ratelimit-max",
+    ];
     let remaining = REMAINING.iter().filter_map(|name| header_f64(headers, name)).reduce(f64::min)?;
     // HubSpot names no reset time, only its rolling window.
     let window = header_f64(headers, "x-hubspot-ratelimit-interval-milliseconds")
@@ -415,7 +429,7 @@ fn server_wait(headers: &HeaderMap) -> Option<Duration> {
 /// Reset headers come as seconds from now (Reddit, IETF draft) or as a Unix
 /// time (GitHub, X); a value past 10^9 can only be the latter.
 fn reset_wait(headers: &HeaderMap) -> Option<Duration> {
-    const RESET: [&str; 3] = ["x-ratelimit-reset", "ratelimit-reset", "x-rate-limit-reset"];
+    const RESET: [&str; 4] = ["x-ratelimit-reset", "ratelimit-reset", "x-rate-limit-reset", "rate-limit-reset"];
     // Mastodon sends an RFC 3339 timestamp instead.
     let timestamp = || {
         RESET.iter().find_map(|name| {
@@ -660,6 +674,15 @@ mod tests {
         check_budget_wait(
             &[("ratelimit-limit", "3000"), ("ratelimit-remaining", "99"), ("ratelimit-reset", "100")],
             Some(1.0),
+        );
+        // Zendesk's names for its limit.
+        check_budget_wait(
+            &[("x-rate-limit", "700"), ("x-rate-limit-remaining", "0"), ("ratelimit-reset", "30")],
+            Some(30.0),
+        );
+        check_budget_wait(
+            &[("rate-limit", "100"), ("rate-limit-remaining", "9"), ("rate-limit-reset", "20")],
+            Some(2.0),
         );
         // No reset named: nothing to pace against.
         check_budget_wait(&[("x-ratelimit-limit", "100"), ("x-ratelimit-remaining", "1")], None);
