@@ -248,6 +248,10 @@ impl Worker {
             }
         };
 
+        // CRMs without an upsert by key update what they were given before.
+        let keys: Vec<String> = upserts.iter().map(|index| claimed[*index].contribution.key()).collect();
+        let delivered =
+            if keys.is_empty() { Default::default() } else { self.store.delivered_activities(&keys).await? };
         let mut activities = Vec::new();
         let mut activity_rows = Vec::new();
         for (index, resolution) in upserts.iter().copied().zip(resolutions) {
@@ -258,6 +262,7 @@ impl Worker {
                         key: row.contribution.activity_key(),
                         contact_id,
                         contribution: row.contribution.clone(),
+                        existing_id: delivered.get(&row.contribution.key()).map(|(_, activity_id)| activity_id.clone()),
                     });
                     activity_rows.push(index);
                 }

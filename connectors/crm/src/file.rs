@@ -303,8 +303,12 @@ mod tests {
         assert_eq!(ids[0], ids[1], "same e-mail, same contact");
         let RecordOutcome::Done(contact_id) = ids[0].clone() else { panic!("{ids:?}") };
 
-        let activity =
-            ActivityUpsert { key: "k1".into(), contact_id: contact_id.clone(), contribution: contribution("1", "hi") };
+        let activity = ActivityUpsert {
+            key: "k1".into(),
+            contact_id: contact_id.clone(),
+            contribution: contribution("1", "hi"),
+            existing_id: None,
+        };
         crm.upsert_activities(std::slice::from_ref(&activity)).await.unwrap();
         let edited = ActivityUpsert { contribution: contribution("1", "hi, edited"), ..activity };
         crm.upsert_activities(&[edited]).await.unwrap();

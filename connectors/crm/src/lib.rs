@@ -4,3 +4,11 @@
 pub mod file;
 #[cfg(feature = "hubspot")]
 pub mod hubspot;
+#[cfg(feature = "pipedrive")]
+pub mod pipedrive;
+#[cfg(feature = "salesforce")]
+pub mod salesforce;
+#[cfg(feature = "twenty")]
+pub mod twenty;
+#[cfg(feature = "webhook")]
+pub mod webhook;

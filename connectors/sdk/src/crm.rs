@@ -43,6 +43,12 @@ pub struct ActivityUpsert {
     pub key: String,
     pub contact_id: String,
     pub contribution: Contribution,
+    /// The CRM id this activity was delivered under before, from the
+    /// daemon's ledger: a CRM without an upsert by key updates this record
+    /// instead of creating another. `None` for a first delivery (or one
+    /// whose outcome was lost in a crash: search before creating).
+    #[serde(default)]
+    pub existing_id: Option<String>,
 }
 
 /// Figures about one contact, computed by the daemon from what it delivered.

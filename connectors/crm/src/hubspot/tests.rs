@@ -81,7 +81,7 @@ fn contribution(external_id: &str, title: &str, body: &str) -> Contribution {
 }
 
 fn activity(contact_id: &str, contribution: Contribution) -> ActivityUpsert {
-    ActivityUpsert { key: contribution.activity_key(), contact_id: contact_id.into(), contribution }
+    ActivityUpsert { key: contribution.activity_key(), contact_id: contact_id.into(), contribution, existing_id: None }
 }
 
 fn done<T: std::fmt::Debug>(outcomes: Vec<RecordOutcome<T>>) -> Vec<T> {

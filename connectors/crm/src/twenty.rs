@@ -1,0 +1,1 @@
+//! twenty sink: being written.
