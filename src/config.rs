@@ -165,6 +165,14 @@ pub enum UnknownAuthors {
 pub enum CrmKind {
     #[cfg(feature = "hubspot")]
     Hubspot(tributary_crm::hubspot::HubSpotConfig),
+    #[cfg(feature = "salesforce")]
+    Salesforce(tributary_crm::salesforce::SalesforceConfig),
+    #[cfg(feature = "pipedrive")]
+    Pipedrive(tributary_crm::pipedrive::PipedriveConfig),
+    #[cfg(feature = "twenty")]
+    Twenty(tributary_crm::twenty::TwentyConfig),
+    #[cfg(feature = "webhook")]
+    Webhook(tributary_crm::webhook::WebhookConfig),
     #[cfg(feature = "file")]
     File(tributary_crm::file::FileCrmConfig),
 }
@@ -172,6 +180,14 @@ pub enum CrmKind {
 const CRM_TYPES: &[&str] = &[
     #[cfg(feature = "hubspot")]
     "hubspot",
+    #[cfg(feature = "salesforce")]
+    "salesforce",
+    #[cfg(feature = "pipedrive")]
+    "pipedrive",
+    #[cfg(feature = "twenty")]
+    "twenty",
+    #[cfg(feature = "webhook")]
+    "webhook",
     #[cfg(feature = "file")]
     "file",
 ];
@@ -636,6 +652,14 @@ impl<'a> Reader<'a> {
         let kind = match kind_name.as_str() {
             #[cfg(feature = "hubspot")]
             "hubspot" => self.section(index, "crm", rest).map(CrmKind::Hubspot),
+            #[cfg(feature = "salesforce")]
+            "salesforce" => self.section(index, "crm", rest).map(CrmKind::Salesforce),
+            #[cfg(feature = "pipedrive")]
+            "pipedrive" => self.section(index, "crm", rest).map(CrmKind::Pipedrive),
+            #[cfg(feature = "twenty")]
+            "twenty" => self.section(index, "crm", rest).map(CrmKind::Twenty),
+            #[cfg(feature = "webhook")]
+            "webhook" => self.section(index, "crm", rest).map(CrmKind::Webhook),
             #[cfg(feature = "file")]
             "file" => self.section(index, "crm", rest).map(CrmKind::File),
             other => {
@@ -780,7 +804,7 @@ impl<'a> Reader<'a> {
             std::sync::Arc::new(tributary_sdk::MemoryTokenStore::default());
         let enabled: Vec<(&str, &SourceConfig)> =
             sources.iter().filter(|(_, source)| source.common.enabled).map(|(n, s)| (n.as_str(), s)).collect();
-        let services = crate::registry::SourceServices::new(tokens, &enabled);
+        let services = crate::registry::SourceServices::new(tokens.clone(), &enabled);
         for (name, source) in enabled {
             if let Err(error) = crate::registry::build_source(name, source, &services) {
                 let message = error.root_cause().to_string();
@@ -811,7 +835,7 @@ impl<'a> Reader<'a> {
             }
         }
         if let Some(crm) = crm
-            && let Err(error) = crate::registry::build_crm(crm)
+            && let Err(error) = crate::registry::build_crm(crm, tokens)
         {
             let span = index.get_key_value("crm").map_or(0..0, |(key, _)| key.span());
             let (line, column) = line_column(self.text, span.start);
@@ -948,6 +972,14 @@ impl CrmConfig {
         match &self.kind {
             #[cfg(feature = "hubspot")]
             CrmKind::Hubspot(_) => "hubspot",
+            #[cfg(feature = "salesforce")]
+            CrmKind::Salesforce(_) => "salesforce",
+            #[cfg(feature = "pipedrive")]
+            CrmKind::Pipedrive(_) => "pipedrive",
+            #[cfg(feature = "twenty")]
+            CrmKind::Twenty(_) => "twenty",
+            #[cfg(feature = "webhook")]
+            CrmKind::Webhook(_) => "webhook",
             #[cfg(feature = "file")]
             CrmKind::File(_) => "file",
         }

@@ -110,7 +110,7 @@ impl Generation {
         health: &Arc<Health>,
         owner: &str,
     ) -> anyhow::Result<Generation> {
-        let crm = registry::build_crm(&config.crm)?;
+        let crm = registry::build_crm(&config.crm, store.clone())?;
         let sources = registry::build_sources(config, store.clone())?;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -263,7 +263,8 @@ async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut failures = 0;
-    let crm = registry::build_crm(&config.crm)?;
+    let tokens: Arc<dyn tributary_sdk::TokenStore> = Arc::new(tributary_sdk::MemoryTokenStore::default());
+    let crm = registry::build_crm(&config.crm, tokens.clone())?;
     match crm.check().await {
         Ok(()) => println!("crm ({}): ok", crm.kind()),
         Err(error) => {
@@ -271,7 +272,6 @@ async fn check(config: &Config, connect: bool) -> anyhow::Result<()> {
             println!("crm ({}): FAILED: {error}", crm.kind());
         }
     }
-    let tokens: Arc<dyn tributary_sdk::TokenStore> = Arc::new(tributary_sdk::MemoryTokenStore::default());
     for built in registry::build_sources(config, tokens)? {
         match built.source.check().await {
             Ok(()) => println!("source {} ({}): ok", built.name, built.source.platform()),
@@ -387,7 +387,7 @@ async fn sync(
     .await?;
     store.record_poll(name, None).await?;
     progress.set_message("delivering to the CRM");
-    let crm = registry::build_crm(&config.crm)?;
+    let crm = registry::build_crm(&config.crm, store.clone())?;
     let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner, None);
     let delivered = worker.drain(&cancel).await?;
     progress.finish_and_clear();
@@ -477,7 +477,7 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
             let count = store.retry_dead_letters(&ids).await?;
             println!("{count} dead letter(s) back in the outbox");
             if count > 0 {
-                let crm = registry::build_crm(&config.crm)?;
+                let crm = registry::build_crm(&config.crm, store.clone())?;
                 let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner_id(), None);
                 let stats = worker.drain(&CancellationToken::new()).await?;
                 println!(
@@ -498,7 +498,8 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
 }
 
 async fn crm_setup(config: &Config) -> anyhow::Result<()> {
-    let crm = registry::build_crm(&config.crm)?;
+    let store = open_store(config)?;
+    let crm = registry::build_crm(&config.crm, store)?;
     let report = crm.setup(&config.platforms()).await.context("CRM setup failed")?;
     for name in &report.created {
         println!("created  {name}");

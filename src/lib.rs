@@ -2,8 +2,17 @@
 //! company's CRM. This crate is the daemon's wiring and knows no platform:
 //! connectors live in `connectors/`.
 
-#[cfg(not(any(feature = "hubspot", feature = "file")))]
-compile_error!("build with at least one CRM feature: `hubspot` or `file`");
+#[cfg(not(any(
+    feature = "hubspot",
+    feature = "salesforce",
+    feature = "pipedrive",
+    feature = "twenty",
+    feature = "webhook",
+    feature = "file"
+)))]
+compile_error!(
+    "build with at least one CRM feature: `hubspot`, `salesforce`, `pipedrive`, `twenty`, `webhook` or `file`"
+);
 
 pub mod cli;
 pub mod config;

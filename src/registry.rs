@@ -219,8 +219,9 @@ pub fn build_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Re
         .collect()
 }
 
-#[cfg_attr(not(feature = "hubspot"), allow(unused_variables))]
-pub fn build_crm(config: &CrmConfig) -> anyhow::Result<Arc<dyn Crm>> {
+/// The CRM sink; OAuth2 sinks keep their tokens in `tokens` (the state store).
+#[cfg_attr(not(feature = "salesforce"), allow(unused_variables))]
+pub fn build_crm(config: &CrmConfig, tokens: Arc<dyn TokenStore>) -> anyhow::Result<Arc<dyn Crm>> {
     let http = HttpOptions {
         user_agent: user_agent(),
         timeout: config.common.timeout.0,
@@ -231,6 +232,24 @@ pub fn build_crm(config: &CrmConfig) -> anyhow::Result<Arc<dyn Crm>> {
         #[cfg(feature = "hubspot")]
         CrmKind::Hubspot(c) => {
             Arc::new(tributary_crm::hubspot::HubSpotCrm::new(c.clone(), http).context("cannot build the HubSpot CRM")?)
+        }
+        #[cfg(feature = "salesforce")]
+        CrmKind::Salesforce(c) => Arc::new(
+            tributary_crm::salesforce::SalesforceCrm::new(c.clone(), http)
+                .context("cannot build the Salesforce CRM")?
+                .with_token_store(tokens),
+        ),
+        #[cfg(feature = "pipedrive")]
+        CrmKind::Pipedrive(c) => Arc::new(
+            tributary_crm::pipedrive::PipedriveCrm::new(c.clone(), http).context("cannot build the Pipedrive CRM")?,
+        ),
+        #[cfg(feature = "twenty")]
+        CrmKind::Twenty(c) => {
+            Arc::new(tributary_crm::twenty::TwentyCrm::new(c.clone(), http).context("cannot build the Twenty CRM")?)
+        }
+        #[cfg(feature = "webhook")]
+        CrmKind::Webhook(c) => {
+            Arc::new(tributary_crm::webhook::WebhookCrm::new(c.clone(), http).context("cannot build the webhook sink")?)
         }
         #[cfg(feature = "file")]
         CrmKind::File(c) => Arc::new(tributary_crm::file::FileCrm::new(c.clone()).context("cannot open the file CRM")?),

@@ -1,1 +1,751 @@
-//! pipedrive sink: being written.
+//! The Pipedrive CRM sink (API v1: persons, notes, person fields).
+//!
+//! What it relies on, from Pipedrive's developer documentation
+//! (developers.pipedrive.com/docs/api/v1, pipedrive.readme.io "Authentication",
+//! "Rate limiting", "Custom fields", and the official `client-nodejs` API docs):
+//!
+//! - **Root**: `https://{company_domain}.pipedrive.com/api/v1`. Every answer
+//!   is `{"success": true, "data": ...}`; a refusal is
+//!   `{"success": false, "error": "...", "error_info": "..."}` with 400, 404,
+//!   410 or 422; 401/403 refuse the token.
+//! - **Auth**: the API token in the `x-api-token` header, never the
+//!   `api_token` query parameter (a URL ends up in proxies' and our logs).
+//!   The token belongs to one user and sees what that user sees.
+//! - **Contacts** are persons. `GET /persons/search?term=..&fields=email&exact_match=true`
+//!   finds one by e-mail, `fields=custom_fields` by Tributary's identity
+//!   (`platform:author id`) kept in a custom field; answers are
+//!   `data.items[].item.id`. The search runs on an index that may lag behind
+//!   writes, so within one call the ids found or created are remembered.
+//!   Then `POST /persons` (`name`, `email: [{value, primary}]`, custom
+//!   fields by key) or `PUT /persons/{id}`. The name of a person matched by
+//!   e-mail belongs to the CRM and is never overwritten.
+//! - **Custom fields** are addressed by their generated 40-character `key`,
+//!   read from `GET /personFields` (paged with `start`/`limit`,
+//!   `additional_data.pagination.more_items_in_collection`) and cached by
+//!   name. `setup` creates the missing ones with `POST /personFields`
+//!   (`name`, `field_type`).
+//! - **Activities** are notes on the person (`POST /notes` with `content`
+//!   and `person_id`). `content` is HTML that Pipedrive sanitises and
+//!   renders: every text is escaped (see [`note`]) and the note carries the
+//!   activity key as a visible marker. There is no upsert by key: with the
+//!   ledger's `existing_id` the note is updated (`PUT /notes/{id}`; a 404
+//!   means someone deleted it, so it is written again); without it the
+//!   person's notes are listed (`GET /notes?person_id=..`, a plain database
+//!   list, not the lagging index) and a note carrying the marker is updated
+//!   instead of creating another. That covers an ambiguous failure (a
+//!   timeout after Pipedrive stored the note): `POST` is never retried
+//!   blindly, only after a 429 (which Pipedrive answers before doing
+//!   anything); a timeout or 5xx on a `POST` is returned as an error and the
+//!   next delivery finds what it may have created.
+//! - **Archive**: Pipedrive has no archive for notes, so archiving deletes
+//!   them (`DELETE /notes/{id}`; Pipedrive keeps deleted items restorable
+//!   for a while in its own recovery). A 404 or 410 is done.
+//! - **Rollups** are person custom fields, written with `PUT /persons/{id}`.
+//! - **No batch API**: one request per record; a record refused with
+//!   400/422 is [`RecordOutcome::Rejected`] with Pipedrive's `error` and
+//!   `error_info` while the others land.
+//! - **Limits**: a burst limit per 2-second window (`x-ratelimit-limit`,
+//!   `x-ratelimit-remaining`, `x-ratelimit-reset` in seconds) and 429 with
+//!   `Retry-After`, both honoured by the shared [`HttpClient`]; and a daily
+//!   budget of `POST`/`PUT` requests for API-token integrations, counted per
+//!   UTC day, reported in `x-daily-requests-left`. At 0, this sink holds
+//!   every request until the next 00:00 UTC (reads too: without writes the
+//!   daemon cannot make progress anyway), and the caller gets
+//!   [`CrmError`] with a `retry_after` until then.
+//!
+//! The token never appears in errors, logs or `Debug` output: it is sent as
+//! a sensitive header, and any text a server echoes back is scrubbed.
+
+mod fields;
+mod note;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveTime, Utc};
+use reqwest::{
+    Method,
+    header::{ACCEPT, HeaderValue},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tributary_sdk::{
+    ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, HttpClient, HttpError, HttpOptions, HttpResponse,
+    RateBudget, RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
+};
+use url::Url;
+
+use self::fields::{handle_field, person_fields, profile_field};
+
+/// Page size of list requests (Pipedrive allows up to 500).
+const PAGE_LIMIT: usize = 500;
+/// A guard against a server that always says there is more.
+const MAX_PAGES: usize = 200;
+
+/// Settings of the Pipedrive sink (the `[crm]` table with `type = "pipedrive"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipedriveConfig {
+    /// The personal API token of the Pipedrive user Tributary writes as
+    /// (Settings → Personal preferences → API), sent as the `x-api-token`
+    /// header: `{ env = "PIPEDRIVE_API_TOKEN" }` or
+    /// `{ file = "/run/credentials/tributary.service/pipedrive" }`. The user
+    /// must be allowed to add and edit persons and notes, and to add custom
+    /// fields for `crm setup` (an admin, or a permission set with
+    /// "add custom fields").
+    pub api_token: SecretRef,
+    /// The company subdomain: `acme` for `https://acme.pipedrive.com`. The
+    /// API root is then `https://acme.pipedrive.com/api/v1`. Give this or
+    /// `base_url`.
+    #[serde(default)]
+    pub company_domain: Option<String>,
+    /// An explicit API root such as `https://acme.pipedrive.com/api/v1`,
+    /// for a proxy or a test mock; replaces `company_domain`.
+    #[serde(default)]
+    pub base_url: Option<Url>,
+}
+
+/// Why a Pipedrive sink cannot be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("pipedrive `api_token`: {0}")]
+    Secret(#[from] SecretError),
+    #[error("pipedrive `api_token` holds characters that cannot be sent in an HTTP header")]
+    TokenFormat,
+    #[error("pipedrive: set exactly one of `company_domain` and `base_url`")]
+    Root,
+    #[error("pipedrive `company_domain` `{0}` must be the subdomain alone (letters, digits, `-`), e.g. `acme`")]
+    CompanyDomain(String),
+    #[error("pipedrive `base_url` must be an http or https URL, not `{0}:`")]
+    BaseUrl(String),
+    #[error("pipedrive http client: {0}")]
+    Http(#[from] HttpError),
+}
+
+/// The Pipedrive sink. Cheap to share; its two HTTP clients share one
+/// rate budget.
+pub struct PipedriveCrm {
+    /// For requests safe to repeat (GET, PUT, DELETE): retries 429, 5xx, timeouts.
+    http: HttpClient,
+    /// For `POST`: no blind retry (see the module documentation).
+    once: HttpClient,
+    token: SecretString,
+    token_header: HeaderValue,
+    base_url: Url,
+    /// Person field name -> key, read from `GET /personFields`.
+    field_keys: Mutex<Option<Arc<HashMap<String, String>>>>,
+}
+
+impl std::fmt::Debug for PipedriveCrm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipedriveCrm")
+            .field("base_url", &self.base_url.as_str())
+            .field("api_token", &"[redacted]")
+            .field("http", &self.http)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the Pipedrive sink: resolves the token and creates its HTTP clients.
+pub fn new(config: PipedriveConfig, http: HttpOptions) -> Result<PipedriveCrm, BuildError> {
+    PipedriveCrm::new(config, http)
+}
+
+/// How Pipedrive answered one record's request.
+enum Answer {
+    /// 2xx with `success: true`: the `data`.
+    Data(Value),
+    /// 400/422 or `success: false`: Pipedrive's message.
+    Refused(String),
+    /// 404/410: the record is not there.
+    Missing(String),
+}
+
+impl PipedriveCrm {
+    pub fn new(config: PipedriveConfig, http: HttpOptions) -> Result<PipedriveCrm, BuildError> {
+        let base_url = match (config.company_domain, config.base_url) {
+            (Some(domain), None) => {
+                let domain = domain.trim().to_owned();
+                let valid = !domain.is_empty()
+                    && domain.len() <= 63
+                    && !domain.starts_with('-')
+                    && domain.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+                if !valid {
+                    return Err(BuildError::CompanyDomain(domain));
+                }
+                Url::parse(&format!("https://{domain}.pipedrive.com/api/v1"))
+                    .map_err(|_| BuildError::CompanyDomain(domain))?
+            }
+            (None, Some(url)) => {
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(BuildError::BaseUrl(url.scheme().to_owned()));
+                }
+                url
+            }
+            _ => return Err(BuildError::Root),
+        };
+        let token = config.api_token.resolve()?;
+        let token = SecretString::from(token.expose_secret().trim().to_owned());
+        let mut token_header = HeaderValue::from_str(token.expose_secret()).map_err(|_| BuildError::TokenFormat)?;
+        token_header.set_sensitive(true);
+        let budget = http.budget.clone().unwrap_or_else(|| RateBudget::new(http.requests_per_second));
+        let once = HttpOptions { budget: Some(budget.clone()), max_retries: 0, ..http.clone() };
+        let http = HttpOptions { budget: Some(budget), ..http };
+        Ok(PipedriveCrm {
+            http: HttpClient::new(http)?,
+            once: HttpClient::new(once)?,
+            token,
+            token_header,
+            base_url,
+            field_keys: Mutex::new(None),
+        })
+    }
+
+    /// Replaces the token, should a server ever echo it, in text bound for
+    /// an error or a log line.
+    fn scrub(&self, text: &str) -> String {
+        let token = self.token.expose_secret();
+        if token.len() >= 4 && text.contains(token) { text.replace(token, "[redacted]") } else { text.to_owned() }
+    }
+
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, CrmError> {
+        let text = format!("{}{path}", self.base_url.as_str().trim_end_matches('/'));
+        let mut url = Url::parse(&text).map_err(|error| CrmError::Decode(format!("bad request URL: {error}")))?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        Ok(url)
+    }
+
+    /// One authenticated request. 401/403 become [`CrmError::Auth`], a 429
+    /// that reaches us [`CrmError::RateLimited`]; every other status is the
+    /// caller's to read. `POST` goes through the client that never retries
+    /// on its own; it is repeated here only after a 429.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<HttpResponse, CrmError> {
+        let url = self.url(path, query)?;
+        let post = method == Method::POST;
+        let client = if post { &self.once } else { &self.http };
+        let mut attempt: u32 = 0;
+        let response = loop {
+            attempt += 1;
+            let mut request = client
+                .request(method.clone(), url.clone())
+                .header("x-api-token", self.token_header.clone())
+                .header(ACCEPT, "application/json");
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            match client.send(request).await {
+                Ok(response) => break response,
+                // A 429 is refused before anything is stored: repeating is safe.
+                Err(HttpError::RateLimited { retry_after, .. })
+                    if post
+                        && attempt <= self.http.options().max_retries
+                        && retry_after <= self.http.options().max_inline_wait =>
+                {
+                    self.http.hold(retry_after);
+                }
+                Err(error) => return Err(self.scrub_error(error)),
+            }
+        };
+        self.note_daily_budget(&response);
+        match response.status.as_u16() {
+            401 | 403 => Err(CrmError::Auth(self.scrub(&format!(
+                "HTTP {}: {}",
+                response.status.as_u16(),
+                error_message(&response)
+            )))),
+            429 => {
+                let retry_after = response
+                    .header("retry-after")
+                    .and_then(|value| value.trim().parse::<f64>().ok())
+                    .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+                    .map_or(Duration::from_secs(2), |seconds| Duration::from_secs_f64(seconds.min(86_400.0)));
+                Err(CrmError::RateLimited { retry_after })
+            }
+            _ => Ok(response),
+        }
+    }
+
+    fn scrub_error(&self, error: HttpError) -> CrmError {
+        CrmError::Http(match error {
+            HttpError::Status { target, status, attempts, body } => {
+                HttpError::Status { target, status, attempts, body: self.scrub(&body) }
+            }
+            HttpError::RateLimited { target, retry_after, body } => {
+                HttpError::RateLimited { target, retry_after, body: self.scrub(&body) }
+            }
+            HttpError::Connect { target, message } => HttpError::Connect { target, message: self.scrub(&message) },
+            HttpError::Decode { target, message } => HttpError::Decode { target, message: self.scrub(&message) },
+            other => other,
+        })
+    }
+
+    /// `x-daily-requests-left: 0`: the day's POST/PUT budget is spent; no
+    /// request leaves before the next 00:00 UTC, when Pipedrive resets it.
+    fn note_daily_budget(&self, response: &HttpResponse) {
+        let left = response.header("x-daily-requests-left").and_then(|value| value.trim().parse::<i64>().ok());
+        if left.is_some_and(|left| left <= 0) {
+            let now = Utc::now();
+            let wait = (next_midnight_utc(now) - now).to_std().unwrap_or(Duration::from_secs(3600));
+            tracing::warn!(wait_secs = wait.as_secs(), "pipedrive daily request budget spent; holding until 00:00 UTC");
+            self.http.hold(wait);
+        }
+    }
+
+    /// A status this connector does not expect, as the shared client reports one.
+    fn unexpected(&self, response: &HttpResponse) -> CrmError {
+        CrmError::Http(HttpError::Status {
+            target: response.target.clone(),
+            status: response.status.as_u16(),
+            attempts: 1,
+            body: self.scrub(&response.body_snippet()),
+        })
+    }
+
+    /// Reads the answer to a request about one record.
+    fn answer(&self, response: &HttpResponse) -> Result<Answer, CrmError> {
+        let status = response.status.as_u16();
+        match status {
+            200..=299 => {
+                let body: Value = response.json().map_err(|error| CrmError::Decode(error.to_string()))?;
+                if body.get("success").and_then(Value::as_bool) == Some(false) {
+                    return Ok(Answer::Refused(self.scrub(&error_message(response))));
+                }
+                Ok(Answer::Data(body.get("data").cloned().unwrap_or(Value::Null)))
+            }
+            400 | 422 => Ok(Answer::Refused(self.scrub(&error_message(response)))),
+            404 | 410 => Ok(Answer::Missing(self.scrub(&error_message(response)))),
+            _ => Err(self.unexpected(response)),
+        }
+    }
+
+    /// `GET` that must succeed; returns the whole body.
+    async fn get_ok(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, CrmError> {
+        let response = self.call(Method::GET, path, query, None).await?;
+        if !response.status.is_success() {
+            return Err(self.unexpected(&response));
+        }
+        response.json().map_err(|error| CrmError::Decode(error.to_string()))
+    }
+
+    /// Every item of a paged list.
+    async fn list_all(&self, path: &str, query: &[(&str, &str)]) -> Result<Vec<Value>, CrmError> {
+        let mut items = Vec::new();
+        let mut start = 0usize;
+        let limit = PAGE_LIMIT.to_string();
+        for _ in 0..MAX_PAGES {
+            let start_text = start.to_string();
+            let mut paged: Vec<(&str, &str)> = query.to_vec();
+            paged.extend([("start", start_text.as_str()), ("limit", limit.as_str())]);
+            let body = self.get_ok(path, &paged).await?;
+            let page = match body.get("data") {
+                Some(Value::Array(page)) => page.clone(),
+                Some(Value::Null) | None => Vec::new(),
+                Some(_) => return Err(CrmError::Decode(format!("{path}: `data` is not a list"))),
+            };
+            let count = page.len();
+            items.extend(page);
+            let pagination = &body["additional_data"]["pagination"];
+            if pagination["more_items_in_collection"].as_bool() != Some(true) || count == 0 {
+                return Ok(items);
+            }
+            start = pagination["next_start"].as_u64().map_or(start + count, |next| next as usize);
+        }
+        Ok(items)
+    }
+
+    /// Person field name -> key, cached; `refresh` reads them again.
+    async fn field_keys(&self, refresh: bool) -> Result<Arc<HashMap<String, String>>, CrmError> {
+        if !refresh && let Some(keys) = self.field_keys.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(keys);
+        }
+        let listed = self.list_all("/personFields", &[]).await?;
+        let keys: HashMap<String, String> = listed
+            .iter()
+            .filter_map(|field| Some((field.get("name")?.as_str()?.to_owned(), field.get("key")?.as_str()?.to_owned())))
+            .collect();
+        let keys = Arc::new(keys);
+        *self.field_keys.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys.clone());
+        Ok(keys)
+    }
+
+    /// The keys of `names`, reading the fields again once if one is
+    /// unknown; an error naming `crm setup` when it is still missing.
+    async fn require_fields(&self, names: &[&str]) -> Result<Arc<HashMap<String, String>>, CrmError> {
+        let keys = self.field_keys(false).await?;
+        if names.iter().all(|name| keys.contains_key(*name)) {
+            return Ok(keys);
+        }
+        let keys = self.field_keys(true).await?;
+        match names.iter().find(|name| !keys.contains_key(**name)) {
+            Some(missing) => Err(CrmError::Transient(format!(
+                "the Pipedrive person field `{missing}` does not exist; run `tributary crm setup`"
+            ))),
+            None => Ok(keys),
+        }
+    }
+
+    /// Ids of the persons whose `fields` match `term` exactly, best first.
+    async fn search_persons(&self, term: &str, fields: &str) -> Result<Vec<u64>, CrmError> {
+        let body = self
+            .get_ok("/persons/search", &[("term", term), ("fields", fields), ("exact_match", "true"), ("limit", "10")])
+            .await?;
+        let items = body["data"]["items"].as_array().cloned().unwrap_or_default();
+        Ok(items.iter().filter_map(|item| item["item"]["id"].as_u64()).collect())
+    }
+
+    /// The custom fields Tributary writes about a contact on its platform.
+    fn contact_fields(&self, keys: &HashMap<String, String>, contact: &ContactUpsert) -> Map<String, Value> {
+        let mut out = Map::new();
+        let mut put = |field: String, value: Option<&str>| {
+            let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else { return };
+            match keys.get(&field) {
+                Some(key) => {
+                    out.insert(key.clone(), json!(value));
+                }
+                None => tracing::debug!(%field, "pipedrive person field absent; run `crm setup` for this platform"),
+            }
+        };
+        put(handle_field(&contact.platform), contact.handle.as_deref());
+        put(profile_field(&contact.platform), contact.profile_url.as_deref());
+        out
+    }
+
+    /// Finds or creates one contact, then writes Tributary's fields.
+    async fn upsert_contact(
+        &self,
+        contact: &ContactUpsert,
+        known: &mut HashMap<String, u64>,
+    ) -> Result<RecordOutcome<String>, CrmError> {
+        let email = contact.email.as_deref().map(str::trim).filter(|e| !e.is_empty()).map(str::to_lowercase);
+        let identity = contact.identity.trim();
+        if email.is_none() && identity.is_empty() {
+            return Ok(RecordOutcome::Rejected("the contact has neither an e-mail nor an identity".into()));
+        }
+        let keys = self.require_fields(&[fields::IDENTITY]).await?;
+        let identity_key = keys.get(fields::IDENTITY).cloned().unwrap_or_default();
+        let mut body = self.contact_fields(&keys, contact);
+        let (memo, found) = match &email {
+            Some(email) => {
+                let memo = format!("email:{email}");
+                let found = match known.get(&memo) {
+                    Some(id) => Some(*id),
+                    None => self.search_persons(email, "email").await?.first().copied(),
+                };
+                (memo, found)
+            }
+            None => {
+                // A person known only by a handle: its name and identity are Tributary's.
+                body.insert(identity_key, json!(identity));
+                if let Some(name) = contact.display_name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+                    body.insert("name".into(), json!(name));
+                }
+                let memo = format!("identity:{identity}");
+                let found = match known.get(&memo) {
+                    Some(id) => Some(*id),
+                    None => self.search_persons(identity, "custom_fields").await?.first().copied(),
+                };
+                (memo, found)
+            }
+        };
+        if let Some(id) = found {
+            if body.is_empty() {
+                known.insert(memo, id);
+                return Ok(RecordOutcome::Done(id.to_string()));
+            }
+            let sent = Value::Object(body.clone());
+            let response = self.call(Method::PUT, &format!("/persons/{id}"), &[], Some(&sent)).await?;
+            match self.answer(&response)? {
+                Answer::Data(_) => {
+                    known.insert(memo, id);
+                    return Ok(RecordOutcome::Done(id.to_string()));
+                }
+                Answer::Refused(message) => return Ok(RecordOutcome::Rejected(message)),
+                // Deleted since the search indexed it: create it again below.
+                Answer::Missing(_) => {}
+            }
+        }
+        if let Some(email) = &email {
+            body.insert("email".into(), json!([{ "value": email, "primary": true }]));
+        }
+        if !body.contains_key("name") {
+            let name = [contact.display_name.as_deref(), contact.handle.as_deref(), email.as_deref(), Some(identity)]
+                .into_iter()
+                .flatten()
+                .map(str::trim)
+                .find(|n| !n.is_empty())
+                .unwrap_or("Community member");
+            body.insert("name".into(), json!(name));
+        }
+        let response = self.call(Method::POST, "/persons", &[], Some(&Value::Object(body))).await?;
+        Ok(match self.answer(&response)? {
+            Answer::Data(data) => match data["id"].as_u64() {
+                Some(id) => {
+                    known.insert(memo, id);
+                    RecordOutcome::Done(id.to_string())
+                }
+                None => RecordOutcome::Rejected("Pipedrive's answer for this person has no id".into()),
+            },
+            Answer::Refused(message) | Answer::Missing(message) => RecordOutcome::Rejected(message),
+        })
+    }
+
+    /// The id of the person's note carrying `key`'s marker, if any.
+    async fn find_note(
+        &self,
+        person_id: u64,
+        key: &str,
+        listed: &mut HashMap<u64, Vec<Value>>,
+    ) -> Result<Option<u64>, CrmError> {
+        let notes = match listed.entry(person_id) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let person = person_id.to_string();
+                entry.insert(self.list_all("/notes", &[("person_id", person.as_str())]).await?)
+            }
+        };
+        let marker = note::marker(key);
+        Ok(notes
+            .iter()
+            .find(|n| n["content"].as_str().is_some_and(|c| c.contains(&marker)))
+            .and_then(|n| n["id"].as_u64()))
+    }
+
+    async fn upsert_activity(
+        &self,
+        activity: &ActivityUpsert,
+        listed: &mut HashMap<u64, Vec<Value>>,
+    ) -> Result<RecordOutcome<String>, CrmError> {
+        let key = activity.key.trim();
+        if key.is_empty() {
+            return Ok(RecordOutcome::Rejected("the activity has no key".into()));
+        }
+        let Ok(person_id) = activity.contact_id.trim().parse::<u64>() else {
+            return Ok(RecordOutcome::Rejected(format!(
+                "contact id `{}` is not a Pipedrive person id",
+                activity.contact_id.trim()
+            )));
+        };
+        let content = note::note_content(key, &activity.contribution);
+        let body = json!({ "content": content, "person_id": person_id });
+        let existing = match activity.existing_id.as_deref().map(str::trim).and_then(|id| id.parse::<u64>().ok()) {
+            Some(id) => Some(id),
+            None => self.find_note(person_id, key, listed).await?,
+        };
+        if let Some(id) = existing {
+            let response = self.call(Method::PUT, &format!("/notes/{id}"), &[], Some(&body)).await?;
+            match self.answer(&response)? {
+                Answer::Data(_) => return Ok(RecordOutcome::Done(id.to_string())),
+                Answer::Refused(message) => return Ok(RecordOutcome::Rejected(message)),
+                Answer::Missing(_) => {
+                    // Deleted in Pipedrive since: look for another copy, else write it again.
+                    if activity.existing_id.is_some()
+                        && let Some(found) = self.find_note(person_id, key, listed).await?
+                        && found != id
+                    {
+                        let response = self.call(Method::PUT, &format!("/notes/{found}"), &[], Some(&body)).await?;
+                        return Ok(match self.answer(&response)? {
+                            Answer::Data(_) => RecordOutcome::Done(found.to_string()),
+                            Answer::Refused(message) | Answer::Missing(message) => RecordOutcome::Rejected(message),
+                        });
+                    }
+                }
+            }
+        }
+        let response = self.call(Method::POST, "/notes", &[], Some(&body)).await?;
+        Ok(match self.answer(&response)? {
+            Answer::Data(data) => match data["id"].as_u64() {
+                Some(id) => {
+                    if let Some(notes) = listed.get_mut(&person_id) {
+                        notes.push(json!({ "id": id, "content": content }));
+                    }
+                    RecordOutcome::Done(id.to_string())
+                }
+                None => RecordOutcome::Rejected("Pipedrive's answer for this note has no id".into()),
+            },
+            Answer::Refused(message) | Answer::Missing(message) => RecordOutcome::Rejected(message),
+        })
+    }
+
+    fn rollup_body(keys: &HashMap<String, String>, rollup: &Rollup) -> Value {
+        let mut body = Map::new();
+        let mut put = |name: &str, value: Value| {
+            if let Some(key) = keys.get(name) {
+                body.insert(key.clone(), value);
+            }
+        };
+        put(fields::LAST_CONTRIBUTION_AT, json!(rollup.last_contribution_at.format("%Y-%m-%d").to_string()));
+        put(fields::LAST_PLATFORM, json!(rollup.last_platform));
+        put(fields::CONTRIBUTION_COUNT, json!(rollup.contribution_count));
+        put(fields::PLATFORMS, json!(rollup.platforms.join(", ")));
+        if let Some(sentiment) = note::number(rollup.sentiment_avg).and_then(|s| s.parse::<f64>().ok()) {
+            put(fields::SENTIMENT_AVG, json!(sentiment));
+        }
+        put(fields::QUESTIONS, json!(rollup.questions));
+        put(fields::COMPLAINTS, json!(rollup.complaints));
+        put(fields::IDEAS, json!(rollup.ideas));
+        put(fields::PRAISE, json!(rollup.praise));
+        Value::Object(body)
+    }
+}
+
+/// Pipedrive's `error` and `error_info`, or the body itself when it has neither.
+fn error_message(response: &HttpResponse) -> String {
+    let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    let text = |name: &str| body.get(name).and_then(Value::as_str).map(str::trim).filter(|t| !t.is_empty());
+    match (text("error"), text("error_info")) {
+        (Some(error), Some(info)) => format!("{error} ({info})"),
+        (Some(error), None) => error.to_owned(),
+        (None, Some(info)) => info.to_owned(),
+        (None, None) => format!("HTTP {}: {}", response.status.as_u16(), response.body_snippet()),
+    }
+}
+
+/// The next 00:00 UTC, when Pipedrive's daily POST/PUT budget resets.
+fn next_midnight_utc(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.date_naive()
+        .succ_opt()
+        .map(|day| day.and_time(NaiveTime::MIN).and_utc())
+        .unwrap_or(now + chrono::Duration::hours(24))
+}
+
+#[async_trait]
+impl Crm for PipedriveCrm {
+    fn kind(&self) -> &'static str {
+        "pipedrive"
+    }
+
+    /// `GET /users/me`: answers with the token's user, or 401.
+    async fn check(&self) -> Result<(), CrmError> {
+        self.get_ok("/users/me", &[]).await.map(|_| ())
+    }
+
+    async fn setup(&self, platforms: &[String]) -> Result<SetupReport, CrmError> {
+        let mut report = SetupReport::default();
+        let existing = self.field_keys(true).await?;
+        for field in person_fields(platforms) {
+            let name = format!("personFields/{}", field.name);
+            if existing.contains_key(&field.name) {
+                report.existing.push(name);
+                continue;
+            }
+            let body = json!({ "name": field.name, "field_type": field.field_type });
+            let response = self.call(Method::POST, "/personFields", &[], Some(&body)).await?;
+            match self.answer(&response)? {
+                Answer::Data(_) => report.created.push(name),
+                Answer::Refused(message) | Answer::Missing(message) => {
+                    return Err(CrmError::Transient(format!(
+                        "Pipedrive refused to create `{}`: {message}",
+                        field.name
+                    )));
+                }
+            }
+        }
+        self.field_keys(true).await?;
+        tracing::info!(created = report.created.len(), existing = report.existing.len(), "pipedrive setup done");
+        Ok(report)
+    }
+
+    async fn find_contact(&self, lookup: &ContactLookup) -> Result<Option<String>, CrmError> {
+        match lookup {
+            ContactLookup::Email(email) => {
+                let email = email.trim();
+                if email.is_empty() {
+                    return Ok(None);
+                }
+                Ok(self.search_persons(email, "email").await?.first().map(u64::to_string))
+            }
+            ContactLookup::Handle { platform, handle } => {
+                let handle = handle.trim();
+                let keys = self.field_keys(false).await?;
+                let Some(key) = keys.get(&handle_field(platform)) else { return Ok(None) };
+                if handle.is_empty() {
+                    return Ok(None);
+                }
+                // The search matches any custom field: keep a person whose
+                // handle field for this platform holds the handle.
+                for id in self.search_persons(handle, "custom_fields").await?.into_iter().take(3) {
+                    let person = self.get_ok(&format!("/persons/{id}"), &[]).await?;
+                    if person["data"][key].as_str().is_some_and(|value| value.trim() == handle) {
+                        return Ok(Some(id.to_string()));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn upsert_contacts(&self, contacts: &[ContactUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError> {
+        let mut known = HashMap::new();
+        let mut outcomes = Vec::with_capacity(contacts.len());
+        for contact in contacts {
+            outcomes.push(self.upsert_contact(contact, &mut known).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn upsert_activities(&self, activities: &[ActivityUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError> {
+        let mut listed = HashMap::new();
+        let mut outcomes = Vec::with_capacity(activities.len());
+        for activity in activities {
+            outcomes.push(self.upsert_activity(activity, &mut listed).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// `DELETE /notes/{id}`: Pipedrive has no archive for notes.
+    async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        let mut outcomes = Vec::with_capacity(activity_ids.len());
+        for id in activity_ids {
+            let Ok(id) = id.trim().parse::<u64>() else {
+                outcomes.push(RecordOutcome::Rejected(format!("`{}` is not a Pipedrive note id", id.trim())));
+                continue;
+            };
+            let response = self.call(Method::DELETE, &format!("/notes/{id}"), &[], None).await?;
+            outcomes.push(match self.answer(&response)? {
+                Answer::Data(_) | Answer::Missing(_) => RecordOutcome::Done(()),
+                Answer::Refused(message) => RecordOutcome::Rejected(message),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        if rollups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.require_fields(&fields::ROLLUP_FIELDS).await?;
+        let mut outcomes = Vec::with_capacity(rollups.len());
+        for rollup in rollups {
+            let Ok(id) = rollup.contact_id.trim().parse::<u64>() else {
+                outcomes.push(RecordOutcome::Rejected(format!(
+                    "contact id `{}` is not a Pipedrive person id",
+                    rollup.contact_id.trim()
+                )));
+                continue;
+            };
+            let body = Self::rollup_body(&keys, rollup);
+            let response = self.call(Method::PUT, &format!("/persons/{id}"), &[], Some(&body)).await?;
+            outcomes.push(match self.answer(&response)? {
+                Answer::Data(_) => RecordOutcome::Done(()),
+                Answer::Refused(message) | Answer::Missing(message) => RecordOutcome::Rejected(message),
+            });
+        }
+        Ok(outcomes)
+    }
+}
