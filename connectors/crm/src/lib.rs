@@ -1,5 +1,9 @@
 //! CRM sinks: one module per CRM, each behind its own feature.
 
+#[cfg(feature = "bottlecrm")]
+pub mod bottlecrm;
+#[cfg(feature = "dynamics")]
+pub mod dynamics;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "hubspot")]
@@ -12,3 +16,5 @@ pub mod salesforce;
 pub mod twenty;
 #[cfg(feature = "webhook")]
 pub mod webhook;
+#[cfg(feature = "zoho")]
+pub mod zoho;

@@ -1,0 +1,1 @@
+//! bottlecrm sink: being written.

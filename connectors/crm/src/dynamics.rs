@@ -1,0 +1,1 @@
+//! dynamics sink: being written.

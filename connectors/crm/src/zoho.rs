@@ -1,0 +1,1 @@
+//! zoho sink: being written.
