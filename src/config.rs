@@ -173,6 +173,10 @@ pub enum CrmKind {
     Twenty(tributary_crm::twenty::TwentyConfig),
     #[cfg(feature = "webhook")]
     Webhook(tributary_crm::webhook::WebhookConfig),
+    #[cfg(feature = "dynamics")]
+    Dynamics(tributary_crm::dynamics::DynamicsConfig),
+    #[cfg(feature = "bottlecrm")]
+    Bottlecrm(tributary_crm::bottlecrm::BottleCrmConfig),
     #[cfg(feature = "file")]
     File(tributary_crm::file::FileCrmConfig),
 }
@@ -188,6 +192,10 @@ const CRM_TYPES: &[&str] = &[
     "twenty",
     #[cfg(feature = "webhook")]
     "webhook",
+    #[cfg(feature = "dynamics")]
+    "dynamics",
+    #[cfg(feature = "bottlecrm")]
+    "bottlecrm",
     #[cfg(feature = "file")]
     "file",
 ];
@@ -660,6 +668,10 @@ impl<'a> Reader<'a> {
             "twenty" => self.section(index, "crm", rest).map(CrmKind::Twenty),
             #[cfg(feature = "webhook")]
             "webhook" => self.section(index, "crm", rest).map(CrmKind::Webhook),
+            #[cfg(feature = "dynamics")]
+            "dynamics" => self.section(index, "crm", rest).map(CrmKind::Dynamics),
+            #[cfg(feature = "bottlecrm")]
+            "bottlecrm" => self.section(index, "crm", rest).map(CrmKind::Bottlecrm),
             #[cfg(feature = "file")]
             "file" => self.section(index, "crm", rest).map(CrmKind::File),
             other => {
@@ -980,6 +992,10 @@ impl CrmConfig {
             CrmKind::Twenty(_) => "twenty",
             #[cfg(feature = "webhook")]
             CrmKind::Webhook(_) => "webhook",
+            #[cfg(feature = "dynamics")]
+            CrmKind::Dynamics(_) => "dynamics",
+            #[cfg(feature = "bottlecrm")]
+            CrmKind::Bottlecrm(_) => "bottlecrm",
             #[cfg(feature = "file")]
             CrmKind::File(_) => "file",
         }

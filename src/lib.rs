@@ -8,6 +8,8 @@
     feature = "pipedrive",
     feature = "twenty",
     feature = "webhook",
+    feature = "dynamics",
+    feature = "bottlecrm",
     feature = "file"
 )))]
 compile_error!(

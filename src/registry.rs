@@ -220,7 +220,7 @@ pub fn build_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Re
 }
 
 /// The CRM sink; OAuth2 sinks keep their tokens in `tokens` (the state store).
-#[cfg_attr(not(feature = "salesforce"), allow(unused_variables))]
+#[cfg_attr(not(any(feature = "salesforce", feature = "dynamics")), allow(unused_variables))]
 pub fn build_crm(config: &CrmConfig, tokens: Arc<dyn TokenStore>) -> anyhow::Result<Arc<dyn Crm>> {
     let http = HttpOptions {
         user_agent: user_agent(),
@@ -251,6 +251,16 @@ pub fn build_crm(config: &CrmConfig, tokens: Arc<dyn TokenStore>) -> anyhow::Res
         CrmKind::Webhook(c) => {
             Arc::new(tributary_crm::webhook::WebhookCrm::new(c.clone(), http).context("cannot build the webhook sink")?)
         }
+        #[cfg(feature = "dynamics")]
+        CrmKind::Dynamics(c) => Arc::new(
+            tributary_crm::dynamics::DynamicsCrm::new(c.clone(), http)
+                .context("cannot build the Dynamics 365 CRM")?
+                .with_token_store(tokens),
+        ),
+        #[cfg(feature = "bottlecrm")]
+        CrmKind::Bottlecrm(c) => Arc::new(
+            tributary_crm::bottlecrm::BottleCrm::new(c.clone(), http).context("cannot build the BottleCRM CRM")?,
+        ),
         #[cfg(feature = "file")]
         CrmKind::File(c) => Arc::new(tributary_crm::file::FileCrm::new(c.clone()).context("cannot open the file CRM")?),
     };

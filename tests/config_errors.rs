@@ -246,3 +246,31 @@ fn the_readme_source_examples_check_clean() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains(&format!("{} source(s)", names.len())), "{stdout}");
 }
+
+/// Every CRM example of the README checks clean with the demo source.
+#[test]
+fn the_readme_crm_examples_check_clean() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .filter(|block| block.trim_start().starts_with("[crm]"))
+        .collect();
+    for kind in ["salesforce", "pipedrive", "twenty", "webhook", "dynamics"] {
+        assert!(blocks.iter().any(|b| b.contains(&format!("type = \"{kind}\""))), "no README example of `{kind}`");
+    }
+    for block in blocks {
+        let setup = Setup::new();
+        setup.write_config(&format!(
+            "[daemon]\nstate = \"sqlite://{{dir}}/state.db\"\n{block}\n[sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n"
+        ));
+        let env: Vec<(&str, &str)> = block
+            .split("env = \"")
+            .skip(1)
+            .map(|piece| (piece.split('"').next().unwrap(), "an-example-secret-of-some-length"))
+            .collect();
+        let output = setup.run(&["check"], &env);
+        assert!(output.status.success(), "{block}\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+}
