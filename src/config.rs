@@ -175,6 +175,8 @@ pub enum CrmKind {
     Webhook(tributary_crm::webhook::WebhookConfig),
     #[cfg(feature = "dynamics")]
     Dynamics(tributary_crm::dynamics::DynamicsConfig),
+    #[cfg(feature = "zoho")]
+    Zoho(tributary_crm::zoho::ZohoConfig),
     #[cfg(feature = "bottlecrm")]
     Bottlecrm(tributary_crm::bottlecrm::BottleCrmConfig),
     #[cfg(feature = "file")]
@@ -194,6 +196,8 @@ const CRM_TYPES: &[&str] = &[
     "webhook",
     #[cfg(feature = "dynamics")]
     "dynamics",
+    #[cfg(feature = "zoho")]
+    "zoho",
     #[cfg(feature = "bottlecrm")]
     "bottlecrm",
     #[cfg(feature = "file")]
@@ -670,6 +674,8 @@ impl<'a> Reader<'a> {
             "webhook" => self.section(index, "crm", rest).map(CrmKind::Webhook),
             #[cfg(feature = "dynamics")]
             "dynamics" => self.section(index, "crm", rest).map(CrmKind::Dynamics),
+            #[cfg(feature = "zoho")]
+            "zoho" => self.section(index, "crm", rest).map(CrmKind::Zoho),
             #[cfg(feature = "bottlecrm")]
             "bottlecrm" => self.section(index, "crm", rest).map(CrmKind::Bottlecrm),
             #[cfg(feature = "file")]
@@ -994,6 +1000,8 @@ impl CrmConfig {
             CrmKind::Webhook(_) => "webhook",
             #[cfg(feature = "dynamics")]
             CrmKind::Dynamics(_) => "dynamics",
+            #[cfg(feature = "zoho")]
+            CrmKind::Zoho(_) => "zoho",
             #[cfg(feature = "bottlecrm")]
             CrmKind::Bottlecrm(_) => "bottlecrm",
             #[cfg(feature = "file")]

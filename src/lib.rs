@@ -9,6 +9,7 @@
     feature = "twenty",
     feature = "webhook",
     feature = "dynamics",
+    feature = "zoho",
     feature = "bottlecrm",
     feature = "file"
 )))]

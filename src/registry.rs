@@ -220,7 +220,7 @@ pub fn build_sources(config: &Config, tokens: Arc<dyn TokenStore>) -> anyhow::Re
 }
 
 /// The CRM sink; OAuth2 sinks keep their tokens in `tokens` (the state store).
-#[cfg_attr(not(any(feature = "salesforce", feature = "dynamics")), allow(unused_variables))]
+#[cfg_attr(not(any(feature = "salesforce", feature = "dynamics", feature = "zoho")), allow(unused_variables))]
 pub fn build_crm(config: &CrmConfig, tokens: Arc<dyn TokenStore>) -> anyhow::Result<Arc<dyn Crm>> {
     let http = HttpOptions {
         user_agent: user_agent(),
@@ -255,6 +255,12 @@ pub fn build_crm(config: &CrmConfig, tokens: Arc<dyn TokenStore>) -> anyhow::Res
         CrmKind::Dynamics(c) => Arc::new(
             tributary_crm::dynamics::DynamicsCrm::new(c.clone(), http)
                 .context("cannot build the Dynamics 365 CRM")?
+                .with_token_store(tokens),
+        ),
+        #[cfg(feature = "zoho")]
+        CrmKind::Zoho(c) => Arc::new(
+            tributary_crm::zoho::ZohoCrm::new(c.clone(), http)
+                .context("cannot build the Zoho CRM")?
                 .with_token_store(tokens),
         ),
         #[cfg(feature = "bottlecrm")]

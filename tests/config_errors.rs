@@ -257,7 +257,7 @@ fn the_readme_crm_examples_check_clean() {
         .filter_map(|rest| rest.split("```").next())
         .filter(|block| block.trim_start().starts_with("[crm]"))
         .collect();
-    for kind in ["salesforce", "pipedrive", "twenty", "webhook", "dynamics", "bottlecrm"] {
+    for kind in ["salesforce", "pipedrive", "twenty", "webhook", "dynamics", "zoho", "bottlecrm"] {
         assert!(blocks.iter().any(|b| b.contains(&format!("type = \"{kind}\""))), "no README example of `{kind}`");
     }
     for block in blocks {
