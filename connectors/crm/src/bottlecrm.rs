@@ -64,7 +64,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tributary_sdk::{
     ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, HttpClient, HttpError, HttpOptions, HttpResponse,
-    RateBudget, RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
+    RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
 };
 use url::Url;
 
@@ -119,7 +119,6 @@ pub struct BottleCrm {
     /// For requests safe to repeat (GET, PATCH, DELETE).
     http: HttpClient,
     /// For `POST`: no blind retry.
-    once: HttpClient,
     token: SecretString,
     auth_header: HeaderValue,
     /// The API root, ending in `/api/`.
@@ -163,17 +162,7 @@ impl BottleCrm {
         let mut auth_header =
             HeaderValue::from_str(&format!("Bearer {}", token.expose_secret())).map_err(|_| BuildError::TokenFormat)?;
         auth_header.set_sensitive(true);
-        let budget = http.budget.clone().unwrap_or_else(|| RateBudget::new(http.requests_per_second));
-        let once = HttpOptions { budget: Some(budget.clone()), max_retries: 0, ..http.clone() };
-        let http = HttpOptions { budget: Some(budget), ..http };
-        Ok(BottleCrm {
-            http: HttpClient::new(http)?,
-            once: HttpClient::new(once)?,
-            token,
-            auth_header,
-            api,
-            fields: Mutex::new(None),
-        })
+        Ok(BottleCrm { http: HttpClient::new(http)?, token, auth_header, api, fields: Mutex::new(None) })
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -199,30 +188,19 @@ impl BottleCrm {
         body: Option<&Value>,
     ) -> Result<HttpResponse, CrmError> {
         let url = self.url(path, query)?;
-        let post = method == Method::POST;
-        let client = if post { &self.once } else { &self.http };
-        let mut attempt: u32 = 0;
-        let response = loop {
-            attempt += 1;
-            let mut request = client
-                .request(method.clone(), url.clone())
-                .header(AUTHORIZATION, self.auth_header.clone())
-                .header(ACCEPT, "application/json");
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            match client.send(request).await {
-                Ok(response) => break response,
-                Err(HttpError::RateLimited { retry_after, .. })
-                    if post
-                        && attempt <= self.http.options().max_retries
-                        && retry_after <= self.http.options().max_inline_wait =>
-                {
-                    self.http.hold(retry_after);
-                }
-                Err(error) => return Err(self.scrub_error(error)),
-            }
-        };
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .header(AUTHORIZATION, self.auth_header.clone())
+            .header(ACCEPT, "application/json");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        // A create that may have reached the server is not sent twice (the
+        // next delivery searches first); one refused with a 429 is.
+        let sent =
+            if method == Method::POST { self.http.send_once(request).await } else { self.http.send(request).await };
+        let response = sent.map_err(|error| self.scrub_error(error))?;
         match response.status.as_u16() {
             401 => Err(CrmError::Auth(self.scrub(&format!("HTTP 401: {}", error_message(&response))))),
             403 if !record_refusal(&response) => {

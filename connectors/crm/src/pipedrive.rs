@@ -79,7 +79,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tributary_sdk::{
     ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, HttpClient, HttpError, HttpOptions, HttpResponse,
-    RateBudget, RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
+    RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
 };
 use url::Url;
 
@@ -136,7 +136,6 @@ pub struct PipedriveCrm {
     /// For requests safe to repeat (GET, PUT, DELETE): retries 429, 5xx, timeouts.
     http: HttpClient,
     /// For `POST`: no blind retry (see the module documentation).
-    once: HttpClient,
     token: SecretString,
     token_header: HeaderValue,
     base_url: Url,
@@ -196,17 +195,7 @@ impl PipedriveCrm {
         let token = SecretString::from(token.expose_secret().trim().to_owned());
         let mut token_header = HeaderValue::from_str(token.expose_secret()).map_err(|_| BuildError::TokenFormat)?;
         token_header.set_sensitive(true);
-        let budget = http.budget.clone().unwrap_or_else(|| RateBudget::new(http.requests_per_second));
-        let once = HttpOptions { budget: Some(budget.clone()), max_retries: 0, ..http.clone() };
-        let http = HttpOptions { budget: Some(budget), ..http };
-        Ok(PipedriveCrm {
-            http: HttpClient::new(http)?,
-            once: HttpClient::new(once)?,
-            token,
-            token_header,
-            base_url,
-            field_keys: Mutex::new(None),
-        })
+        Ok(PipedriveCrm { http: HttpClient::new(http)?, token, token_header, base_url, field_keys: Mutex::new(None) })
     }
 
     /// Replaces the token, should a server ever echo it, in text bound for
@@ -237,31 +226,19 @@ impl PipedriveCrm {
         body: Option<&Value>,
     ) -> Result<HttpResponse, CrmError> {
         let url = self.url(path, query)?;
-        let post = method == Method::POST;
-        let client = if post { &self.once } else { &self.http };
-        let mut attempt: u32 = 0;
-        let response = loop {
-            attempt += 1;
-            let mut request = client
-                .request(method.clone(), url.clone())
-                .header("x-api-token", self.token_header.clone())
-                .header(ACCEPT, "application/json");
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            match client.send(request).await {
-                Ok(response) => break response,
-                // A 429 is refused before anything is stored: repeating is safe.
-                Err(HttpError::RateLimited { retry_after, .. })
-                    if post
-                        && attempt <= self.http.options().max_retries
-                        && retry_after <= self.http.options().max_inline_wait =>
-                {
-                    self.http.hold(retry_after);
-                }
-                Err(error) => return Err(self.scrub_error(error)),
-            }
-        };
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .header("x-api-token", self.token_header.clone())
+            .header(ACCEPT, "application/json");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        // A create that may have reached Pipedrive is not sent twice (the
+        // next delivery searches first); one refused with a 429 is.
+        let sent =
+            if method == Method::POST { self.http.send_once(request).await } else { self.http.send(request).await };
+        let response = sent.map_err(|error| self.scrub_error(error))?;
         self.note_daily_budget(&response);
         match response.status.as_u16() {
             401 | 403 => Err(CrmError::Auth(self.scrub(&format!(

@@ -71,8 +71,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tributary_sdk::{
     ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, HttpClient, HttpError, HttpOptions, HttpResponse,
-    MemoryTokenStore, OAuth2, OAuthError, RateBudget, RecordOutcome, Rollup, SecretError, SecretRef, SetupReport,
-    TokenStore,
+    MemoryTokenStore, OAuth2, OAuthError, RecordOutcome, Rollup, SecretError, SecretRef, SetupReport, TokenStore,
     oauth::{ClientAuth, Grant, OAuth2Config},
 };
 use url::Url;
@@ -138,7 +137,6 @@ pub struct ZohoCrm {
     http: HttpClient,
     /// For `POST`: no blind retry after a timeout or a 5xx (Zoho may have
     /// stored the note); repeated here only after a 429. Same rate budget.
-    once: HttpClient,
     oauth: OAuth2,
     /// `api_domain` without its trailing `/`.
     base: String,
@@ -297,16 +295,7 @@ impl ZohoCrm {
             },
             Arc::new(MemoryTokenStore::default()),
         );
-        let budget = http.budget.clone().unwrap_or_else(|| RateBudget::new(http.requests_per_second));
-        let once = HttpOptions { budget: Some(budget.clone()), max_retries: 0, ..http.clone() };
-        let http = HttpOptions { budget: Some(budget), ..http };
-        Ok(ZohoCrm {
-            http: HttpClient::new(http)?,
-            once: HttpClient::new(once)?,
-            oauth,
-            base,
-            secrets: vec![client_secret, refresh_token],
-        })
+        Ok(ZohoCrm { http: HttpClient::new(http)?, oauth, base, secrets: vec![client_secret, refresh_token] })
     }
 
     /// Keeps the access token in `store` (the daemon's state store), so a
@@ -401,33 +390,21 @@ impl ZohoCrm {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        let post = method == Method::POST;
         let (method, url) = (&method, &url);
-        let client = if post { &self.once } else { &self.http };
         let send = |auth: HeaderValue| async move {
-            let mut attempt: u32 = 0;
-            loop {
-                attempt += 1;
-                let mut request = client
-                    .request(method.clone(), url.clone())
-                    .header(ACCEPT, "application/json")
-                    .header(AUTHORIZATION, auth.clone());
-                if let Some(body) = body {
-                    request = request.json(body);
-                }
-                match client.send(request).await {
-                    Ok(response) => return Ok(response),
-                    // A 429 is refused before anything is stored: repeating is safe.
-                    Err(HttpError::RateLimited { retry_after, .. })
-                        if post
-                            && attempt <= self.http.options().max_retries
-                            && retry_after <= self.http.options().max_inline_wait =>
-                    {
-                        self.http.hold(retry_after);
-                    }
-                    Err(error) => return Err(self.http_error(error)),
-                }
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .header(ACCEPT, "application/json")
+                .header(AUTHORIZATION, auth);
+            if let Some(body) = body {
+                request = request.json(body);
             }
+            // A create that may have reached Zoho is not sent twice (the next
+            // delivery searches first); one refused with a 429 is.
+            let sent =
+                if method == Method::POST { self.http.send_once(request).await } else { self.http.send(request).await };
+            sent.map_err(|error| self.http_error(error))
         };
         let bearer = self.oauth.bearer(&self.http).await.map_err(|error| self.oauth_error(error))?;
         let mut response = send(Self::zoho_header(&bearer)?).await?;

@@ -234,6 +234,20 @@ impl HttpClient {
     /// that is not 429 or 5xx is returned as is (4xx included) for the
     /// connector to interpret.
     pub async fn send(&self, request: RequestBuilder) -> Result<HttpResponse, HttpError> {
+        self.send_with(request, true).await
+    }
+
+    /// As [`HttpClient::send`], for a write that is not idempotent (a POST
+    /// that creates): a request that may have reached the server (a 5xx, a
+    /// timeout, a broken connection) is never sent again, only one the
+    /// server refused before doing anything (429). The caller finds out
+    /// what happened (searching before it creates) instead of risking a
+    /// duplicate.
+    pub async fn send_once(&self, request: RequestBuilder) -> Result<HttpResponse, HttpError> {
+        self.send_with(request, false).await
+    }
+
+    async fn send_with(&self, request: RequestBuilder, repeat_failures: bool) -> Result<HttpResponse, HttpError> {
         let request = request.build().map_err(|error| HttpError::Request(error.without_url().to_string()))?;
         let target = safe_target(request.url());
         let mut attempt: u32 = 0;
@@ -276,8 +290,9 @@ impl HttpClient {
                             return Err(HttpError::RateLimited { target, retry_after: wait, body: snippet(&body) });
                         }
                     }
-                    if attempt > self.options.max_retries {
-                        if status == StatusCode::TOO_MANY_REQUESTS {
+                    let limited = status == StatusCode::TOO_MANY_REQUESTS;
+                    if attempt > self.options.max_retries || (!limited && !repeat_failures) {
+                        if limited {
                             let retry_after = server_wait.unwrap_or(self.backoff(attempt));
                             return Err(HttpError::RateLimited { target, retry_after, body: snippet(&body) });
                         }
@@ -297,7 +312,7 @@ impl HttpClient {
                         HttpError::Connect { target: target.clone(), message: error.without_url().to_string() }
                     };
                     tracing::warn!(%target, attempt, error = %failure, "http request failed");
-                    if attempt > self.options.max_retries {
+                    if attempt > self.options.max_retries || !repeat_failures {
                         return Err(failure);
                     }
                     self.backoff(attempt)
@@ -518,6 +533,32 @@ mod tests {
         assert_eq!(response.status, 200);
         assert_eq!(response.body, b"ok");
         assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn send_once_repeats_only_what_the_server_refused_before_doing_anything() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/create"))
+            .respond_with(ResponseTemplate::new(503))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/limited"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "0"))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(201)).mount(&server).await;
+        let client = fast_client();
+        let failed = client.send_once(client.post(format!("{}/create", server.uri()))).await.unwrap_err();
+        assert!(matches!(failed, HttpError::Status { status: 503, attempts: 1, .. }), "{failed:?}");
+        let created = client.send_once(client.post(format!("{}/limited", server.uri()))).await.unwrap();
+        assert_eq!(created.status, 201, "a 429 is repeated");
+        let paths: Vec<String> =
+            server.received_requests().await.unwrap().iter().map(|r| r.url.path().to_owned()).collect();
+        assert_eq!(paths, ["/create", "/limited", "/limited"]);
     }
 
     #[tokio::test]
