@@ -263,11 +263,7 @@ impl HubSpotCrm {
     /// them): a `DAILY` policy waits for the quota reset.
     fn rate_limited(&self, response: &HttpResponse) -> CrmError {
         let error = ErrorBody::parse(response);
-        let retry_after = response
-            .header("retry-after")
-            .and_then(|value| value.trim().parse::<f64>().ok())
-            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-            .map(|seconds| Duration::from_secs_f64(seconds.min(86_400.0)));
+        let retry_after = response.retry_after();
         if error.policy_name.as_deref() == Some("DAILY") {
             let now = Utc::now();
             let until = match retry_after {

@@ -247,11 +247,7 @@ impl PipedriveCrm {
                 error_message(&response)
             )))),
             429 => {
-                let retry_after = response
-                    .header("retry-after")
-                    .and_then(|value| value.trim().parse::<f64>().ok())
-                    .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-                    .map_or(Duration::from_secs(2), |seconds| Duration::from_secs_f64(seconds.min(86_400.0)));
+                let retry_after = response.retry_after().unwrap_or(Duration::from_secs(2));
                 Err(CrmError::RateLimited { retry_after })
             }
             _ => Ok(response),
@@ -259,17 +255,7 @@ impl PipedriveCrm {
     }
 
     fn scrub_error(&self, error: HttpError) -> CrmError {
-        CrmError::Http(match error {
-            HttpError::Status { target, status, attempts, body } => {
-                HttpError::Status { target, status, attempts, body: self.scrub(&body) }
-            }
-            HttpError::RateLimited { target, retry_after, body } => {
-                HttpError::RateLimited { target, retry_after, body: self.scrub(&body) }
-            }
-            HttpError::Connect { target, message } => HttpError::Connect { target, message: self.scrub(&message) },
-            HttpError::Decode { target, message } => HttpError::Decode { target, message: self.scrub(&message) },
-            other => other,
-        })
+        CrmError::Http(error.map_text(|text| self.scrub(text)))
     }
 
     /// `x-daily-requests-left: 0`: the day's POST/PUT budget is spent; no

@@ -264,12 +264,7 @@ impl TwentyCrm {
                 error_message(&response)
             )))),
             429 => {
-                let retry_after = response
-                    .header("retry-after")
-                    .and_then(|value| value.trim().parse::<f64>().ok())
-                    .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-                    .map(|seconds| std::time::Duration::from_secs_f64(seconds.min(86_400.0)))
-                    .unwrap_or(std::time::Duration::from_secs(60));
+                let retry_after = response.retry_after().unwrap_or(std::time::Duration::from_secs(60));
                 Err(CrmError::RateLimited { retry_after })
             }
             _ => Ok(response),

@@ -466,11 +466,7 @@ impl WebhookCrm {
                 self.scrub(&format!("the webhook receiver timed out (HTTP 408): {}", response.body_snippet())),
             ),
             429 => {
-                let retry_after = response
-                    .header("retry-after")
-                    .and_then(|value| value.trim().parse::<f64>().ok())
-                    .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-                    .map_or(Duration::from_secs(10), |seconds| Duration::from_secs_f64(seconds.min(86_400.0)));
+                let retry_after = response.retry_after().unwrap_or(Duration::from_secs(10));
                 CrmError::RateLimited { retry_after }
             }
             _ => CrmError::Http(HttpError::Status {

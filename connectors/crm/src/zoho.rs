@@ -344,15 +344,7 @@ impl ZohoCrm {
 
     /// An HTTP failure with any echoed secret scrubbed.
     fn http_error(&self, error: HttpError) -> CrmError {
-        CrmError::Http(match error {
-            HttpError::Status { target, status, attempts, body } => {
-                HttpError::Status { target, status, attempts, body: self.scrub(&body) }
-            }
-            HttpError::RateLimited { target, retry_after, body } => {
-                HttpError::RateLimited { target, retry_after, body: self.scrub(&body) }
-            }
-            other => other,
-        })
+        CrmError::Http(error.map_text(|text| self.scrub(text)))
     }
 
     fn oauth_error(&self, error: OAuthError) -> CrmError {

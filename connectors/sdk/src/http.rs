@@ -84,6 +84,22 @@ pub enum HttpError {
 }
 
 impl HttpError {
+    /// The same error with its free text (bodies, messages) passed through
+    /// `scrub`: for sinks whose servers may echo a credential back.
+    pub fn map_text(self, scrub: impl Fn(&str) -> String) -> HttpError {
+        match self {
+            HttpError::Status { target, status, attempts, body } => {
+                HttpError::Status { target, status, attempts, body: scrub(&body) }
+            }
+            HttpError::RateLimited { target, retry_after, body } => {
+                HttpError::RateLimited { target, retry_after, body: scrub(&body) }
+            }
+            HttpError::Connect { target, message } => HttpError::Connect { target, message: scrub(&message) },
+            HttpError::Decode { target, message } => HttpError::Decode { target, message: scrub(&message) },
+            other => other,
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -113,6 +129,11 @@ impl HttpResponse {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    /// The answer's `Retry-After` (seconds or an HTTP date), bounded to a day.
+    pub fn retry_after(&self) -> Option<Duration> {
+        retry_after(&self.headers)
     }
 
     /// The body as text for an error message: lossy, at most 1 KiB.
@@ -428,17 +449,18 @@ fn seconds(value: f64) -> Duration {
 /// How long the server asked us to wait, from Retry-After (seconds or an
 /// HTTP date) or a rate-limit reset header.
 fn server_wait(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(value) = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok()) {
-        let value = value.trim();
-        if let Some(wait) = value.parse::<f64>().ok().filter(|v| v.is_finite()) {
-            return Some(seconds(wait));
-        }
-        if let Ok(date) = chrono::DateTime::parse_from_rfc2822(value) {
-            let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
-            return Some(wait.to_std().unwrap_or(Duration::ZERO).min(MAX_SERVER_WAIT));
-        }
+    retry_after(headers).or_else(|| reset_wait(headers))
+}
+
+/// `Retry-After` as seconds or an HTTP date, clamped to 0..=a day.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Some(wait) = value.parse::<f64>().ok().filter(|v| v.is_finite()) {
+        return Some(seconds(wait));
     }
-    reset_wait(headers)
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = date.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO).min(MAX_SERVER_WAIT))
 }
 
 /// Reset headers come as seconds from now (Reddit, IETF draft) or as a Unix
