@@ -64,6 +64,32 @@ pub fn escape_html(text: &str) -> String {
     out
 }
 
+/// [`escape_html`], stopping (with `…`) once the escaped text would pass
+/// `budget` bytes; escaping char by char never cuts an entity in half.
+pub fn escape_html_capped(text: &str, budget: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(budget) + 16);
+    let mut buffer = [0u8; 4];
+    for c in text.chars() {
+        let escaped = escape_html(c.encode_utf8(&mut buffer));
+        if out.len() + escaped.len() > budget {
+            out.push('…');
+            break;
+        }
+        out.push_str(&escaped);
+    }
+    out
+}
+
+/// A number as written in a note or a CRM field: four decimals at most, no
+/// trailing zeros (`-0.125`, `1`); `None` for NaN or infinities.
+pub fn decimal(value: f64) -> Option<String> {
+    value.is_finite().then(|| {
+        let text = format!("{value:.4}");
+        let text = text.trim_end_matches('0').trim_end_matches('.');
+        if text == "-0" { "0".to_owned() } else { text.to_owned() }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
-use tributary_sdk::{Contribution, text::escape_html};
+use tributary_sdk::{
+    Contribution,
+    text::{escape_html, escape_html_capped},
+};
 
 /// HubSpot caps `hs_note_body` at 65,536 characters; the body text is cut
 /// well before that, leaving room for the title, link and signals.
@@ -20,36 +23,12 @@ pub(crate) fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// A number property value (`-0.125`); `None` for NaN or infinities, which
-/// HubSpot would refuse.
-pub(crate) fn number(value: f64) -> Option<String> {
-    value.is_finite().then(|| {
-        let text = format!("{value:.4}");
-        let text = text.trim_end_matches('0').trim_end_matches('.');
-        if text == "-0" { "0".to_owned() } else { text.to_owned() }
-    })
-}
-
-/// Escapes `text`, stopping (with `…`) once the escaped text would pass
-/// `budget` bytes; escaping char by char never cuts an entity in half.
-fn escape_capped(text: &str, budget: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(budget) + 16);
-    let mut buffer = [0u8; 4];
-    for c in text.chars() {
-        let escaped = escape_html(c.encode_utf8(&mut buffer));
-        if out.len() + escaped.len() > budget {
-            out.push('…');
-            break;
-        }
-        out.push_str(&escaped);
-    }
-    out
-}
+pub(crate) use tributary_sdk::text::decimal as number;
 
 /// Escaped text with its line breaks as `<br>`.
 fn paragraph_lines(text: &str, budget: usize) -> String {
     let normalised = text.replace("\r\n", "\n").replace('\r', "\n");
-    escape_capped(normalised.trim(), budget).replace('\n', "<br>")
+    escape_html_capped(normalised.trim(), budget).replace('\n', "<br>")
 }
 
 /// The note body: a `[deleted]` marker, the title, the text, a link and a
@@ -61,13 +40,13 @@ pub(crate) fn note_body(contribution: &Contribution) -> String {
         html.push_str(&format!("<p><em>[deleted on {platform}]</em></p>"));
     }
     if let Some(title) = contribution.title.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
-        html.push_str(&format!("<p><strong>{}</strong></p>", escape_capped(title, TITLE_BUDGET)));
+        html.push_str(&format!("<p><strong>{}</strong></p>", escape_html_capped(title, TITLE_BUDGET)));
     }
     if !contribution.body.trim().is_empty() {
         html.push_str(&format!("<p>{}</p>", paragraph_lines(&contribution.body, BODY_BUDGET)));
     }
     if let Some(url) = contribution.url.as_deref().and_then(web_link) {
-        let url = escape_capped(&url, TITLE_BUDGET);
+        let url = escape_html_capped(&url, TITLE_BUDGET);
         html.push_str(&format!("<p><a href=\"{url}\">{url}</a></p>"));
     }
     let mut signals = vec![platform, escape_html(contribution.kind.as_str())];

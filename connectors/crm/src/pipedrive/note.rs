@@ -10,7 +10,10 @@
 //! sanitiser (an HTML comment or a data attribute might not), and the
 //! brackets keep one key from matching as the prefix of another.
 
-use tributary_sdk::{Contribution, text::escape_html};
+use tributary_sdk::{
+    Contribution,
+    text::{escape_html, escape_html_capped},
+};
 
 /// The body text is cut well before any size Pipedrive could refuse.
 const BODY_BUDGET: usize = 60_000;
@@ -21,31 +24,7 @@ pub(crate) fn marker(key: &str) -> String {
     format!("[tributary-key:{}]", escape_html(key.trim()))
 }
 
-/// A number as written in a note or a field (`-0.125`); `None` for NaN or
-/// infinities.
-pub(crate) fn number(value: f64) -> Option<String> {
-    value.is_finite().then(|| {
-        let text = format!("{value:.4}");
-        let text = text.trim_end_matches('0').trim_end_matches('.');
-        if text == "-0" { "0".to_owned() } else { text.to_owned() }
-    })
-}
-
-/// Escapes `text`, stopping (with `…`) once the escaped text would pass
-/// `budget` bytes; escaping char by char never cuts an entity in half.
-fn escape_capped(text: &str, budget: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(budget) + 16);
-    let mut buffer = [0u8; 4];
-    for c in text.chars() {
-        let escaped = escape_html(c.encode_utf8(&mut buffer));
-        if out.len() + escaped.len() > budget {
-            out.push('…');
-            break;
-        }
-        out.push_str(&escaped);
-    }
-    out
-}
+pub(crate) use tributary_sdk::text::decimal as number;
 
 /// The URL when it is an absolute http(s) URL, normalised by the parser.
 fn web_link(url: &str) -> Option<String> {
@@ -62,14 +41,14 @@ pub(crate) fn note_content(key: &str, contribution: &Contribution) -> String {
         html.push_str(&format!("<p><em>[deleted on {platform}]</em></p>"));
     }
     if let Some(title) = contribution.title.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
-        html.push_str(&format!("<p><strong>{}</strong></p>", escape_capped(title, TITLE_BUDGET)));
+        html.push_str(&format!("<p><strong>{}</strong></p>", escape_html_capped(title, TITLE_BUDGET)));
     }
     let body = contribution.body.replace("\r\n", "\n").replace('\r', "\n");
     if !body.trim().is_empty() {
-        html.push_str(&format!("<p>{}</p>", escape_capped(body.trim(), BODY_BUDGET).replace('\n', "<br>")));
+        html.push_str(&format!("<p>{}</p>", escape_html_capped(body.trim(), BODY_BUDGET).replace('\n', "<br>")));
     }
     if let Some(url) = contribution.url.as_deref().and_then(web_link) {
-        let url = escape_capped(&url, TITLE_BUDGET);
+        let url = escape_html_capped(&url, TITLE_BUDGET);
         html.push_str(&format!("<p><a href=\"{url}\">{url}</a></p>"));
     }
     let mut signals = vec![platform, escape_html(contribution.kind.as_str())];

@@ -325,7 +325,7 @@ pub(crate) fn note_markdown(contribution: &Contribution) -> String {
     if let Some(found) = &contribution.signals {
         signals.push(format!("intent: {}", found.intent.as_str()));
         if found.sentiment.is_finite() {
-            signals.push(format!("sentiment: {}", number_text(found.sentiment)));
+            signals.push(format!("sentiment: {}", tributary_sdk::text::decimal(found.sentiment).unwrap_or_default()));
         }
     }
     if let Some(language) = &contribution.language {
@@ -336,13 +336,6 @@ pub(crate) fn note_markdown(contribution: &Contribution) -> String {
     }
     parts.push(format!("_{}_", signals.join(" · ")));
     parts.join("\n\n")
-}
-
-/// `0.25`, `-0.5`, `1`: four decimals at most, no trailing zeros.
-fn number_text(value: f64) -> String {
-    let text = format!("{value:.4}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    if text == "-0" { "0".to_owned() } else { text.to_owned() }
 }
 
 /// A finite number rounded to four decimals, for a `NUMBER` field.
