@@ -86,7 +86,7 @@ fn is_outage(error: &CrmError) -> bool {
     match error {
         CrmError::Http(error) => error.is_transient(),
         CrmError::RateLimited { .. } | CrmError::Auth(_) | CrmError::Transient(_) | CrmError::Io(_) => true,
-        CrmError::Decode(_) => false,
+        CrmError::Decode(_) | CrmError::Unsupported(_) => false,
     }
 }
 

@@ -53,7 +53,7 @@ pub fn enrich(contribution: &mut Contribution) {
         analyzer().polarity_scores(&scored).get("compound").copied().unwrap_or(0.0)
     };
     let intent = intent(&scored, sentiment);
-    contribution.signals = Some(Signals { sentiment: (sentiment * 1000.0).round() / 1000.0, intent });
+    contribution.signals = Some(Signals { sentiment: (sentiment * 1000.0).round() / 1000.0, intent, sentiment_skipped: None });
 }
 
 /// The documented rule set above.

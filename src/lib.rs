@@ -17,6 +17,7 @@ compile_error!(
     "build with at least one CRM feature: `hubspot`, `salesforce`, `pipedrive`, `twenty`, `webhook` or `file`"
 );
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod daemon;

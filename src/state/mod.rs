@@ -114,6 +114,27 @@ pub struct Totals {
     pub identities: u64,
 }
 
+/// An alert waiting to be sent.
+#[derive(Debug, Clone)]
+pub struct PendingAlert {
+    pub id: i64,
+    pub rule: String,
+    /// The contribution's key: one alert per rule and contribution, ever.
+    pub key: String,
+    pub payload: serde_json::Value,
+    pub attempts: u32,
+}
+
+/// How sending one alert ended.
+#[derive(Debug, Clone)]
+pub enum AlertOutcome {
+    Sent,
+    /// Try again no sooner than `at`.
+    Retry { error: String, at: DateTime<Utc> },
+    /// Given up: the destination refused it for good.
+    Failed { error: String },
+}
+
 /// The token store of OAuth2 connectors is the state store: tokens outlive a restart.
 #[async_trait]
 pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
@@ -191,6 +212,20 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     async fn owners(&self) -> Result<Vec<String>, StateError>;
     /// Frees everything `owner` holds (a process known to be dead); returns how much.
     async fn release_owner(&self, owner: &str) -> Result<u64, StateError>;
+
+    /// Queues an alert of `rule` about the contribution `key`; false (and
+    /// nothing queued) when that rule already has one for that key, sent or not.
+    async fn enqueue_alert(
+        &self,
+        rule: &str,
+        key: &str,
+        contact_id: Option<&str>,
+        payload: &serde_json::Value,
+    ) -> Result<bool, StateError>;
+    /// Alerts due now, oldest first.
+    async fn due_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StateError>;
+    /// Records how sending an alert ended.
+    async fn alert_done(&self, id: i64, outcome: AlertOutcome) -> Result<(), StateError>;
 
     /// Remembers how a poll ended (the error must already be free of secrets).
     async fn record_poll(&self, source: &str, error: Option<&str>) -> Result<(), StateError>;

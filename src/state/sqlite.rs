@@ -13,7 +13,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use secrecy::ExposeSecret;
 use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup, StoredToken, TokenStore, TokenStoreError};
 
-use super::{Claimed, CommitStats, DeadLetter, Delivery, Finished, SourceState, StateError, StateStore, Totals};
+use super::{
+    AlertOutcome, Claimed, CommitStats, DeadLetter, Delivery, Finished, PendingAlert, SourceState, StateError, StateStore,
+    Totals,
+};
 
 /// Versioned schema: each entry runs once, in order, in a transaction.
 const MIGRATIONS: &[&str] = &[
@@ -126,6 +129,59 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     ALTER TABLE activities ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    ",
+    // 5: the social customer record. Every platform identity seen, the
+    // review queue of weak matches, the digests of forgotten people, the
+    // alert outbox, and what the per-platform and 90-day rollups read.
+    "
+    CREATE TABLE profiles (
+        identity TEXT PRIMARY KEY,
+        platform TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        handle TEXT,
+        display_name TEXT,
+        email TEXT,
+        profile_url TEXT,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    CREATE INDEX profiles_by_email ON profiles (email);
+    CREATE INDEX profiles_by_name ON profiles (lower(display_name));
+    CREATE INDEX profiles_by_handle ON profiles (platform, lower(handle));
+    CREATE TABLE identity_reviews (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity_a TEXT NOT NULL,
+        identity_b TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        created_at INTEGER NOT NULL,
+        decided_at INTEGER,
+        UNIQUE (identity_a, identity_b)
+    );
+    CREATE TABLE forgotten (
+        digest TEXT PRIMARY KEY,
+        at INTEGER NOT NULL
+    );
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        contact_id TEXT,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        last_error TEXT,
+        created_at INTEGER NOT NULL,
+        sent_at INTEGER,
+        UNIQUE (rule, key)
+    );
+    CREATE INDEX alerts_due ON alerts (status, next_attempt_at);
+    ALTER TABLE activities ADD COLUMN identity TEXT;
+    ALTER TABLE activities ADD COLUMN url TEXT;
+    ALTER TABLE activities ADD COLUMN excerpt TEXT;
+    ALTER TABLE activities ADD COLUMN resolved INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX activities_by_identity ON activities (identity);
     ",
 ];
 
@@ -628,6 +684,7 @@ impl StateStore for SqliteStore {
                                 .get::<_, Option<String>>(8)?
                                 .map(|p| p.split(';').map(str::to_owned).collect())
                                 .unwrap_or_default(),
+                            ..Default::default()
                         })
                     },
                 )?;
@@ -797,6 +854,68 @@ impl StateStore for SqliteStore {
                 .execute("UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?1", [&owner])?;
             tx.commit()?;
             Ok((leases + rows) as u64)
+        })
+        .await
+    }
+
+    async fn enqueue_alert(
+        &self,
+        rule: &str,
+        key: &str,
+        contact_id: Option<&str>,
+        payload: &serde_json::Value,
+    ) -> Result<bool, StateError> {
+        let (rule, key, contact_id) = (rule.to_owned(), key.to_owned(), contact_id.map(str::to_owned));
+        let payload = payload.to_string();
+        self.with(move |conn| {
+            let now = now_ms();
+            let added = conn.execute(
+                "INSERT INTO alerts (rule, key, contact_id, payload, next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (rule, key) DO NOTHING",
+                params![rule, key, contact_id, payload, now],
+            )?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    async fn due_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StateError> {
+        self.with(move |conn| {
+            let mut query = conn.prepare(
+                "SELECT id, rule, key, payload, attempts FROM alerts
+                 WHERE status = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows: Vec<(i64, String, String, String, u32)> = query
+                .query_map(params![now_ms(), limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(id, rule, key, payload, attempts)| {
+                    let payload = serde_json::from_str(&payload).map_err(|e| StateError::Other(e.to_string()))?;
+                    Ok(PendingAlert { id, rule, key, payload, attempts })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn alert_done(&self, id: i64, outcome: AlertOutcome) -> Result<(), StateError> {
+        self.with(move |conn| {
+            let now = now_ms();
+            match outcome {
+                AlertOutcome::Sent => conn.execute(
+                    "UPDATE alerts SET status = 'sent', sent_at = ?2, attempts = attempts + 1, last_error = NULL WHERE id = ?1",
+                    params![id, now],
+                )?,
+                AlertOutcome::Retry { error, at } => conn.execute(
+                    "UPDATE alerts SET attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1",
+                    params![id, error, at.timestamp_millis()],
+                )?,
+                AlertOutcome::Failed { error } => conn.execute(
+                    "UPDATE alerts SET status = 'failed', attempts = attempts + 1, last_error = ?2, sent_at = ?3 WHERE id = ?1",
+                    params![id, error, now],
+                )?,
+            };
+            Ok(())
         })
         .await
     }

@@ -908,7 +908,7 @@ mod tests {
 
         let contribution = Contribution {
             created_at: at,
-            signals: Some(Signals { sentiment: 0.5, intent: Intent::Question }),
+            signals: Some(Signals { sentiment: 0.5, intent: Intent::Question, sentiment_skipped: None }),
             tags: vec!["export".into()],
             ..Contribution::sample()
         };
@@ -933,6 +933,7 @@ mod tests {
             complaints: 0,
             ideas: 1,
             praise: 0,
+            ..Default::default()
         };
         assert_eq!(crm.update_rollups(&[rollup]).await.unwrap(), vec![RecordOutcome::Done(())]);
         assert_eq!(crm.archive_activities(std::slice::from_ref(&key)).await.unwrap(), vec![RecordOutcome::Done(())]);
@@ -1170,6 +1171,7 @@ mod tests {
                 complaints: 0,
                 ideas: 0,
                 praise: 0,
+                ..Default::default()
             }])
             .await
             .unwrap_err();

@@ -53,7 +53,7 @@ pub struct ActivityUpsert {
 
 /// Figures about one contact, computed by the daemon from what it delivered.
 /// They are absolute values, so writing them twice changes nothing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rollup {
     pub contact_id: String,
     pub last_contribution_at: DateTime<Utc>,
@@ -61,12 +61,46 @@ pub struct Rollup {
     pub contribution_count: u64,
     /// Every platform the person was seen on, sorted.
     pub platforms: Vec<String>,
-    /// Mean sentiment over all contributions, -1..1.
+    /// Mean sentiment over all scored contributions, -1..1.
     pub sentiment_avg: f64,
     pub questions: u64,
     pub complaints: u64,
     pub ideas: u64,
     pub praise: u64,
+    /// Address of the last contribution.
+    #[serde(default)]
+    pub last_url: Option<String>,
+    /// The start of the last contribution's text (at most 200 characters).
+    #[serde(default)]
+    pub last_excerpt: Option<String>,
+    /// Contributions in the 90 days before the figures were taken.
+    #[serde(default)]
+    pub count_90d: u64,
+    /// Mean sentiment of the scored contributions of those 90 days; `None`
+    /// when none was scored.
+    #[serde(default)]
+    pub sentiment_avg_90d: Option<f64>,
+    /// An unresolved complaint, or a sharp drop in sentiment: someone
+    /// should look at this person.
+    #[serde(default)]
+    pub needs_attention: bool,
+    /// Why `needs_attention` is set, in words.
+    #[serde(default)]
+    pub attention_reason: Option<String>,
+    /// One entry per platform, sorted by platform.
+    #[serde(default)]
+    pub per_platform: Vec<PlatformRollup>,
+}
+
+/// What the person did on one platform.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlatformRollup {
+    pub platform: String,
+    pub handle: Option<String>,
+    pub profile_url: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub contributions: u64,
 }
 
 /// The CRM's answer for one record of a batch.
@@ -98,6 +132,9 @@ pub enum CrmError {
     Decode(String),
     #[error("local CRM store: {0}")]
     Io(String),
+    /// This sink cannot do what was asked; the message says what to do instead.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl From<crate::oauth::OAuthError> for CrmError {
@@ -151,4 +188,38 @@ pub trait Crm: Send + Sync {
 
     /// One outcome per input, in input order.
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError>;
+
+    /// Deletes activities Tributary created, for good (`tributary forget`
+    /// with `forget_activities = "delete"`). Deleting one already gone is
+    /// done. One outcome per input, in input order.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        let _ = activity_ids;
+        Err(CrmError::Unsupported(format!(
+            "the {} sink cannot delete activities; use forget_activities = \"archive\"",
+            self.kind()
+        )))
+    }
+
+    /// Merges `merged` into `survivor`: the survivor keeps its id and gains
+    /// the other's activities, which are moved, never copied; `merged` is
+    /// gone afterwards. Merging a contact already merged into the survivor
+    /// is done.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let _ = (survivor, merged);
+        Err(CrmError::Unsupported(format!(
+            "the {} sink cannot merge contacts; merge them in the CRM, then run `tributary identity link` again",
+            self.kind()
+        )))
+    }
+
+    /// The values of the named properties of one contact (absent ones are
+    /// left out), for alert rules on lifecycle stage, company and the like.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let _ = (contact_id, names);
+        Err(CrmError::Unsupported(format!("the {} sink cannot read contact properties", self.kind())))
+    }
 }

@@ -17,7 +17,9 @@ pub mod text;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-pub use crm::{ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, RecordOutcome, Rollup, SetupReport};
+pub use crm::{
+    ActivityUpsert, ContactLookup, ContactUpsert, Crm, CrmError, PlatformRollup, RecordOutcome, Rollup, SetupReport,
+};
 pub use http::{HttpClient, HttpError, HttpOptions, HttpResponse, RateBudget};
 pub use model::{Author, Contribution, Intent, Kind, Signals};
 pub use oauth::{MemoryTokenStore, OAuth2, OAuthError, StoredToken, TokenStore, TokenStoreError};

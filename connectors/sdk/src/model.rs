@@ -74,9 +74,21 @@ pub struct Author {
 /// The signals a team can act on, added by enrichment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signals {
-    /// VADER compound score, -1 (negative) to 1 (positive).
+    /// VADER compound score, -1 (negative) to 1 (positive); 0 when
+    /// `sentiment_skipped` says why it was not scored.
     pub sentiment: f64,
     pub intent: Intent,
+    /// Why sentiment was not scored (a language the model does not cover);
+    /// such a contribution is left out of sentiment averages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentiment_skipped: Option<String>,
+}
+
+impl Signals {
+    /// The sentiment, unless it was skipped.
+    pub fn scored_sentiment(&self) -> Option<f64> {
+        self.sentiment_skipped.is_none().then_some(self.sentiment)
+    }
 }
 
 /// One contribution, normalized.
@@ -157,7 +169,7 @@ impl Contribution {
             score: None,
             edited: false,
             deleted: false,
-            signals: Some(Signals { sentiment: 0.25, intent: Intent::Question }),
+            signals: Some(Signals { sentiment: 0.25, intent: Intent::Question, sentiment_skipped: None }),
         }
     }
 }

@@ -317,6 +317,7 @@ async fn bottlecrm_first_sync_then_replay_creates_nothing_twice() {
         complaints: 0,
         ideas: 0,
         praise: 1,
+        ..Default::default()
     };
     assert_eq!(h.crm.update_rollups(&[rollup]).await.unwrap(), vec![RecordOutcome::Done(())]);
     assert_eq!(h.bottle.state().contacts[&ids[0]]["custom_fields"]["tributary_contribution_count"], 2);

@@ -332,7 +332,7 @@ fn activity(external_id: &str, contact_id: &str) -> ActivityUpsert {
     let contribution = Contribution {
         external_id: external_id.into(),
         body: "Is <b>PDF</b> export there?\nI looked & found nothing.".into(),
-        signals: Some(Signals { sentiment: 0.25, intent: Intent::Question }),
+        signals: Some(Signals { sentiment: 0.25, intent: Intent::Question, sentiment_skipped: None }),
         ..Contribution::sample()
     };
     ActivityUpsert { key: contribution.activity_key(), contact_id: contact_id.into(), contribution, existing_id: None }
@@ -350,6 +350,7 @@ fn rollup(contact_id: &str) -> Rollup {
         complaints: 0,
         ideas: 1,
         praise: 0,
+        ..Default::default()
     }
 }
 

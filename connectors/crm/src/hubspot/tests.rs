@@ -75,7 +75,7 @@ fn contribution(external_id: &str, title: &str, body: &str) -> Contribution {
         url: Some(format!("https://community.example.com/t/{external_id}")),
         title: Some(title.into()),
         body: body.into(),
-        signals: Some(Signals { sentiment: -0.4, intent: Intent::Complaint }),
+        signals: Some(Signals { sentiment: -0.4, intent: Intent::Complaint, sentiment_skipped: None }),
         ..Contribution::sample()
     }
 }
@@ -332,6 +332,7 @@ async fn rollups_land_and_an_unknown_contact_is_refused_with_hubspots_message() 
         complaints: 2,
         ideas: 1,
         praise: 4,
+        ..Default::default()
     };
     let outcomes = h.crm.update_rollups(&[rollup("99999999"), rollup(&contact_id)]).await.unwrap();
     match &outcomes[0] {

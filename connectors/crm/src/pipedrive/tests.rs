@@ -278,7 +278,7 @@ fn activity(external_id: &str, contact_id: &str, body: &str) -> ActivityUpsert {
         external_id: external_id.into(),
         url: Some(format!("https://community.example.com/t/{external_id}")),
         body: body.into(),
-        signals: Some(Signals { sentiment: -0.4, intent: Intent::Complaint }),
+        signals: Some(Signals { sentiment: -0.4, intent: Intent::Complaint, sentiment_skipped: None }),
         ..Contribution::sample()
     };
     ActivityUpsert { key: contribution.activity_key(), contact_id: contact_id.into(), contribution, existing_id: None }
@@ -296,6 +296,7 @@ fn rollup(contact_id: &str, count: u64) -> Rollup {
         complaints: 2,
         ideas: 0,
         praise: 0,
+        ..Default::default()
     }
 }
 

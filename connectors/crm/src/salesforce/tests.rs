@@ -337,7 +337,7 @@ fn activity(external_id: &str, contact_id: &str) -> ActivityUpsert {
     let contribution = Contribution {
         external_id: external_id.into(),
         author: Author { id: "7".into(), handle: Some("mayac".into()), ..Author::default() },
-        signals: Some(Signals { sentiment: -0.5, intent: Intent::Complaint }),
+        signals: Some(Signals { sentiment: -0.5, intent: Intent::Complaint, sentiment_skipped: None }),
         ..Contribution::sample()
     };
     ActivityUpsert { key: contribution.activity_key(), contact_id: contact_id.into(), contribution, existing_id: None }
@@ -355,6 +355,7 @@ fn rollup(contact_id: &str) -> Rollup {
         complaints: 1,
         ideas: 0,
         praise: 1,
+        ..Default::default()
     }
 }
 

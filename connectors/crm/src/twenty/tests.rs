@@ -299,6 +299,7 @@ fn rollup(contact_id: &str, count: u64) -> Rollup {
         complaints: 0,
         ideas: 0,
         praise: 1,
+        ..Default::default()
     }
 }
 

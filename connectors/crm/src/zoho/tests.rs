@@ -158,6 +158,7 @@ fn rollup(contact: &str) -> Rollup {
         complaints: 0,
         ideas: 1,
         praise: 0,
+        ..Default::default()
     }
 }
 
