@@ -50,6 +50,47 @@ pub enum Command {
     /// CRM housekeeping.
     #[command(subcommand)]
     Crm(CrmCommand),
+    /// The identity graph: who is who across communities.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Forget a person: their contributions, identities and raw bodies leave
+    /// the state store, the activities Tributary created leave the CRM, and
+    /// later polls skip them.
+    Forget {
+        /// An e-mail, a platform identity (`reddit:u/alice`, `discourse:42`)
+        /// or a CRM contact (`hubspot:12345`).
+        person: String,
+        /// Archive or delete the CRM activities (default: `[privacy] forget_activities`).
+        #[arg(long, value_enum)]
+        activities: Option<crate::privacy::ForgetActivities>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Pairs that may be one person, waiting for a decision.
+    Pending {
+        /// Also show approved and rejected pairs.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// They are one person: their contacts are merged (activities move, none is copied).
+    Approve { id: i64 },
+    /// They are not: the pair is never queued again.
+    Reject { id: i64 },
+    /// Link two identities (`reddit:u/alice github:alice`) or an identity
+    /// and a CRM contact (`reddit:u/alice hubspot:12345`).
+    Link {
+        /// Two sides, or none with `--file`.
+        #[arg(num_args = 0..=2)]
+        sides: Vec<String>,
+        /// A file of pairs, one per line; `#` starts a comment.
+        #[arg(long, conflicts_with = "sides")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

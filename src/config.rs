@@ -35,6 +35,46 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub crm: CrmConfig,
     pub sources: BTreeMap<String, SourceConfig>,
+    pub identity: IdentityConfig,
+    pub privacy: PrivacyConfig,
+    pub alerts: BTreeMap<String, serde_json::Value>,
+}
+
+/// `[identity]`: the identity graph.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// A file of administrator's links, one pair per line
+    /// (`reddit:u/alice hubspot:12345`, `discourse:alice github:alice`;
+    /// `#` starts a comment), applied when the daemon starts and by
+    /// `tributary identity link --file`.
+    #[serde(default)]
+    pub links_file: Option<PathBuf>,
+    /// How often the CRM's per-platform handle fields are read back into
+    /// the identity graph (also done by `crm setup`); `0s` never.
+    #[serde(default = "default_crm_recheck")]
+    pub crm_recheck: HumanDuration,
+}
+
+fn default_crm_recheck() -> HumanDuration {
+    HumanDuration(Duration::from_secs(86_400))
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig { links_file: None, crm_recheck: default_crm_recheck() }
+    }
+}
+
+/// `[privacy]`: forgetting people. Raw bodies are kept no longer than
+/// `[daemon] retention`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// What `tributary forget` does with the CRM activities Tributary
+    /// created for the person: `archive` or `delete`.
+    #[serde(default)]
+    pub forget_activities: crate::privacy::ForgetActivities,
 }
 
 /// `[daemon]`: the process itself.
@@ -66,8 +106,10 @@ pub struct DaemonConfig {
     /// How long a shutdown waits for in-flight work before giving up.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
-    /// Delivered outbox rows and quarantined items older than this are
-    /// deleted (hourly); what was delivered is still never sent again.
+    /// How long raw bodies are kept: delivered outbox rows, quarantined
+    /// items, the excerpts of the activity index and the bodies of sent
+    /// alerts older than this are deleted (hourly); what was delivered is
+    /// still never sent again.
     #[serde(default = "default_retention")]
     pub retention: HumanDuration,
 }
@@ -142,10 +184,16 @@ pub struct CrmCommon {
     /// Time for one CRM request.
     #[serde(default = "default_timeout")]
     pub timeout: HumanDuration,
+    /// The address of a contact in the CRM's own interface, with
+    /// `{contact_id}` where its id goes, e.g.
+    /// `https://app.hubspot.com/contacts/PORTAL_ID/record/0-1/{contact_id}`:
+    /// alerts link to it.
+    #[serde(default)]
+    pub contact_url: Option<String>,
 }
 
 impl CrmCommon {
-    const KEYS: &[&str] = &["unknown_authors", "requests_per_second", "timeout"];
+    const KEYS: &[&str] = &["unknown_authors", "requests_per_second", "timeout", "contact_url"];
 }
 
 fn default_timeout() -> HumanDuration {
@@ -606,6 +654,29 @@ impl<'a> Reader<'a> {
                 None
             }
         };
+        let identity = match root.remove_entry("identity") {
+            Some((_, value)) => self.section::<IdentityConfig>(&index, "identity", value),
+            None => Some(IdentityConfig::default()),
+        };
+        let privacy = match root.remove_entry("privacy") {
+            Some((_, value)) => self.section::<PrivacyConfig>(&index, "privacy", value),
+            None => Some(PrivacyConfig::default()),
+        };
+        let mut alerts = BTreeMap::new();
+        if let Some((_, value)) = root.remove_entry("alerts") {
+            let span = value.span();
+            match value.into_inner() {
+                DeValue::Table(table) => {
+                    for (name, value) in table {
+                        let key = format!("alerts.{}", name.get_ref());
+                        if let Some(rule) = self.section::<serde_json::Value>(&index, &key, value) {
+                            alerts.insert(name.into_inner().into_owned(), rule);
+                        }
+                    }
+                }
+                _ => self.problem_at(span, "alerts", "`alerts` must be a table of `[alerts.NAME]` tables".into()),
+            }
+        }
         let mut sources = BTreeMap::new();
         match root.remove_entry("sources") {
             Some((_, value)) => {
@@ -650,9 +721,9 @@ impl<'a> Reader<'a> {
             self.check_builds(&index, crm.as_ref(), &sources);
         }
 
-        match (daemon, crm) {
-            (Some(daemon), Some(crm)) if self.problems.is_empty() => {
-                Ok(Config { path: self.file.to_owned(), daemon, crm, sources })
+        match (daemon, crm, identity, privacy) {
+            (Some(daemon), Some(crm), Some(identity), Some(privacy)) if self.problems.is_empty() => {
+                Ok(Config { path: self.file.to_owned(), daemon, crm, sources, identity, privacy, alerts })
             }
             _ => Err(ConfigErrors(self.problems)),
         }

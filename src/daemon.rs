@@ -8,11 +8,13 @@ use tokio_util::sync::CancellationToken;
 use tributary_sdk::{Crm, PollRequest};
 
 use crate::{
-    cli::{Command, CrmCommand, DeadLetters},
+    cli::{Command, CrmCommand, DeadLetters, IdentityCommand},
     config::{Config, ConfigErrors, Secrets},
     delivery::{DeliverySettings, Worker},
     health::{self, Health},
-    pipeline, registry, scheduler, shutdown,
+    identity, pipeline,
+    privacy::{self, ForgetActivities},
+    registry, scheduler, shutdown,
     state::{self, StateStore},
     telemetry,
 };
@@ -82,7 +84,9 @@ fn delivery_settings(config: &Config) -> DeliverySettings {
 pub async fn execute(command: Command, config_path: &Path) -> anyhow::Result<()> {
     // Reading the state store needs no credentials.
     let secrets = match &command {
-        Command::Status { .. } | Command::DeadLetters(DeadLetters::List | DeadLetters::Drop { .. }) => Secrets::Ignore,
+        Command::Status { .. }
+        | Command::DeadLetters(DeadLetters::List | DeadLetters::Drop { .. })
+        | Command::Identity(IdentityCommand::Pending { .. } | IdentityCommand::Reject { .. }) => Secrets::Ignore,
         _ => Secrets::Check,
     };
     let config = Config::load_with(config_path, secrets)?;
@@ -93,6 +97,10 @@ pub async fn execute(command: Command, config_path: &Path) -> anyhow::Result<()>
         Command::Status { json } => status(&config, json).await,
         Command::DeadLetters(command) => dead_letters(&config, command).await,
         Command::Crm(CrmCommand::Setup) => crm_setup(&config).await,
+        Command::Identity(command) => identity_command(&config, command).await,
+        Command::Forget { person, activities } => {
+            forget(&config, &person, activities.unwrap_or(config.privacy.forget_activities)).await
+        }
     }
 }
 
@@ -127,7 +135,14 @@ impl Generation {
         let worker =
             Worker::new(store.clone(), crm.clone(), delivery_settings(config), owner.to_owned(), Some(health.clone()));
         tasks.spawn(worker.run(cancel.clone(), wake, config.daemon.delivery_interval.0));
-        tasks.spawn(check_crm_periodically(crm, health.clone(), cancel.clone()));
+        tasks.spawn(check_crm_periodically(crm.clone(), health.clone(), cancel.clone()));
+        tasks.spawn(maintain_identities(
+            store.clone(),
+            crm,
+            config.identity.links_file.clone(),
+            config.identity.crm_recheck.0,
+            cancel.clone(),
+        ));
         Ok(Generation { cancel, tasks })
     }
 
@@ -138,6 +153,45 @@ impl Generation {
         if drained.is_err() {
             tracing::warn!(?timeout, "tasks still busy after the shutdown timeout; aborting them");
             self.tasks.abort_all();
+        }
+    }
+}
+
+/// Applies the links file when the daemon starts, and reads the CRM's
+/// handle fields back every `recheck` (never when zero).
+async fn maintain_identities(
+    store: Arc<dyn StateStore>,
+    crm: Arc<dyn Crm>,
+    links_file: Option<std::path::PathBuf>,
+    recheck: Duration,
+    cancel: CancellationToken,
+) {
+    let span = tracing::info_span!("identity");
+    if let Some(path) = links_file {
+        let applied = tokio::select! {
+            _ = cancel.cancelled() => return,
+            applied = apply_links_file(&*store, &*crm, &path) => applied,
+        };
+        match applied {
+            Ok(done) => tracing::info!(parent: &span, links = done.len(), "links file applied"),
+            Err(error) => tracing::error!(parent: &span, error = %format!("{error:#}"), "links file not applied"),
+        }
+    }
+    if recheck.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(recheck) => {}
+        }
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = identity::recheck_handles(&*store, &*crm) => result,
+        };
+        match result {
+            Ok((linked, queued)) => tracing::info!(parent: &span, linked, queued, "CRM handle fields read back"),
+            Err(error) => tracing::warn!(parent: &span, error = %error, "reading CRM handle fields back failed"),
         }
     }
 }
@@ -497,9 +551,111 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
     Ok(())
 }
 
+/// Applies a links file: one pair per line, `#` comments; names the line of a bad one.
+pub async fn apply_links_file(store: &dyn StateStore, crm: &dyn Crm, path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the links file {}", path.display()))?;
+    let mut done = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let sides: Vec<&str> = line.split_whitespace().collect();
+        let [a, b] = sides.as_slice() else {
+            bail!("{}:{}: a link is two sides, e.g. `reddit:u/alice hubspot:12345`", path.display(), number + 1);
+        };
+        let at = || format!("{}:{}", path.display(), number + 1);
+        let a = identity::parse_target(store, crm.kind(), a).await.with_context(at)?;
+        let b = identity::parse_target(store, crm.kind(), b).await.with_context(at)?;
+        done.push(identity::link(store, crm, &a, &b).await.with_context(at)?);
+    }
+    Ok(done)
+}
+
+async fn identity_command(config: &Config, command: IdentityCommand) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    match command {
+        IdentityCommand::Pending { all, json } => {
+            let reviews = store.reviews(if all { None } else { Some("pending") }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reviews)?);
+                return Ok(());
+            }
+            if reviews.is_empty() {
+                println!("nothing to review");
+            }
+            let side = |p: &crate::state::Profile| {
+                format!(
+                    "{} ({}{})",
+                    p.identity,
+                    p.display_name.as_deref().or(p.handle.as_deref()).unwrap_or("?"),
+                    p.contact_id.as_deref().map(|c| format!(", contact {c}")).unwrap_or_default()
+                )
+            };
+            for review in reviews {
+                println!("{}\t{}\t{}\t{}\t{}", review.id, review.status, side(&review.a), side(&review.b), review.evidence);
+            }
+        }
+        IdentityCommand::Approve { id } => {
+            let crm = registry::build_crm(&config.crm, store.clone())?;
+            println!("{}", identity::approve(&*store, &*crm, id).await?);
+            deliver_rollups(config, store, crm).await?;
+        }
+        IdentityCommand::Reject { id } => {
+            identity::reject(&*store, id).await?;
+            println!("review {id} rejected: this pair is never queued again");
+        }
+        IdentityCommand::Link { sides, file } => {
+            let crm = registry::build_crm(&config.crm, store.clone())?;
+            let done = match (file.or(config.identity.links_file.clone()), sides.as_slice()) {
+                (_, [a, b]) => {
+                    let a = identity::parse_target(&*store, crm.kind(), a).await?;
+                    let b = identity::parse_target(&*store, crm.kind(), b).await?;
+                    vec![identity::link(&*store, &*crm, &a, &b).await?]
+                }
+                (Some(path), []) => apply_links_file(&*store, &*crm, &path).await?,
+                _ => bail!("name two sides (`reddit:u/alice hubspot:12345`) or a file with --file"),
+            };
+            for line in done {
+                println!("{line}");
+            }
+            deliver_rollups(config, store, crm).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the rollups a merge made due.
+async fn deliver_rollups(config: &Config, store: Arc<dyn StateStore>, crm: Arc<dyn Crm>) -> anyhow::Result<()> {
+    Worker::new(store, crm, delivery_settings(config), owner_id(), None).write_rollups().await
+}
+
+async fn forget(config: &Config, person: &str, activities: ForgetActivities) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let crm = registry::build_crm(&config.crm, store.clone())?;
+    let done = privacy::forget(&*store, &*crm, person, activities).await?;
+    if done.identities.is_empty() && done.contacts.is_empty() {
+        println!("nobody known as {person}; remembered, so later polls skip them");
+        return Ok(());
+    }
+    println!(
+        "forgot {} identit(ies) on {} contact(s): {} contribution(s) and {} outbox row(s) erased, {} CRM activit(ies) {}",
+        done.identities.len(),
+        done.contacts.len(),
+        done.erased.contributions,
+        done.erased.outbox_rows,
+        done.crm_activities,
+        match activities {
+            ForgetActivities::Archive => "archived",
+            ForgetActivities::Delete => "deleted",
+        }
+    );
+    Ok(())
+}
+
 async fn crm_setup(config: &Config) -> anyhow::Result<()> {
     let store = open_store(config)?;
-    let crm = registry::build_crm(&config.crm, store)?;
+    let crm = registry::build_crm(&config.crm, store.clone())?;
     let report = crm.setup(&config.platforms()).await.context("CRM setup failed")?;
     for name in &report.created {
         println!("created  {name}");
@@ -508,6 +664,8 @@ async fn crm_setup(config: &Config) -> anyhow::Result<()> {
         println!("exists   {name}");
     }
     println!("{} created, {} already there", report.created.len(), report.existing.len());
+    let (linked, queued) = identity::recheck_handles(&*store, &*crm).await.context("reading handles back")?;
+    println!("handles read back: {linked} identit(ies) linked, {queued} queued for review");
     Ok(())
 }
 

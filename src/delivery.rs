@@ -107,6 +107,7 @@ impl Worker {
         let span = tracing::info_span!("delivery", crm = self.crm.kind());
         async move {
             let mut pruned_at: Option<std::time::Instant> = None;
+            let mut refreshed_at: Option<std::time::Instant> = None;
             loop {
                 match self.drain(&shutdown).await {
                     Ok(_) => {}
@@ -122,6 +123,14 @@ impl Worker {
                         Ok(0) => {}
                         Ok(rows) => tracing::info!(rows, "pruned finished outbox rows past retention"),
                         Err(error) => tracing::warn!(error = %error, "pruning failed"),
+                    }
+                }
+                // 90-day figures move with time: once a day, every contact active in the window is due.
+                if refreshed_at.is_none_or(|at| at.elapsed() > Duration::from_secs(86_400)) {
+                    refreshed_at = Some(std::time::Instant::now());
+                    match self.store.refresh_rollups(Utc::now() - chrono::Duration::days(91)).await {
+                        Ok(contacts) => tracing::debug!(contacts, "90-day rollups due again"),
+                        Err(error) => tracing::warn!(error = %error, "making 90-day rollups due failed"),
                     }
                 }
                 tokio::select! {
@@ -237,6 +246,7 @@ impl Worker {
         let resolutions = match resolutions {
             Ok(resolutions) => resolutions,
             Err(IdentityError::State(error)) => return Err(error.into()),
+            Err(refused @ IdentityError::Refused(_)) => return Err(refused.into()),
             Err(IdentityError::Crm(error)) => {
                 self.crm_failed(&error.to_string());
                 for index in &upserts {
@@ -389,7 +399,7 @@ impl Worker {
     pub async fn write_rollups(&self) -> anyhow::Result<()> {
         let mut previous: Option<Vec<Rollup>> = None;
         loop {
-            let rollups = self.store.pending_rollups(self.settings.batch_size).await?;
+            let rollups = self.store.pending_rollups(self.settings.batch_size, Utc::now()).await?;
             if rollups.is_empty() {
                 return Ok(());
             }

@@ -1,10 +1,22 @@
-//! Identity resolution: which CRM contact wrote a contribution.
+//! Identity resolution: which CRM contact wrote a contribution, and the
+//! identity graph behind it.
 //!
-//! In order: the link table (an identity already resolved), the e-mail the
-//! platform gave, the platform handle kept in the contact's per-platform
-//! handle property, and last a new contact (`unknown_authors = "create"`)
-//! or nothing (`"skip"`). Every resolution is stored as a link, so each
-//! author costs CRM look-ups once.
+//! Nodes are platform identities (`platform:user id`, with the handle,
+//! display name and e-mail last seen, kept by the state store); a link ties
+//! one to a CRM contact, and a contact is one person. An unlinked identity
+//! is resolved, in order, by: an administrator's link (`tributary identity
+//! link`, also to a handle not seen yet), an approved pair whose other side
+//! has a contact, the same e-mail seen on another platform, the CRM (an
+//! upsert or search by e-mail, then the contact's per-platform handle
+//! property), and last a new contact (`unknown_authors = "create"`) or
+//! nothing (`"skip"`). Every resolution is stored as a link, so each author
+//! costs CRM look-ups once.
+//!
+//! Weak evidence never merges: a newly linked identity that shares a display
+//! name or a similar handle with an identity on another platform of another
+//! contact goes to the review queue (`tributary identity pending`).
+//! Approving a pair, or linking two identities by hand, merges their
+//! contacts in the CRM (the activities move, none is copied) and then here.
 
 use std::collections::HashMap;
 
@@ -31,6 +43,46 @@ pub enum IdentityError {
     Crm(#[from] CrmError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// An administrator's request that cannot be done as asked.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The link key of a handle an administrator linked before it was seen.
+pub fn handle_alias(platform: &str, handle: &str) -> String {
+    let handle = handle.trim();
+    let handle = handle.strip_prefix("/u/").or_else(|| handle.strip_prefix("u/")).unwrap_or(handle);
+    format!("{platform}@{}", handle.trim_start_matches('@').to_lowercase())
+}
+
+/// An identity known to the state store only: an administrator's link, an
+/// approved pair or the same e-mail seen on another platform.
+async fn linked_locally(store: &dyn StateStore, c: &Contribution) -> Result<Option<(String, &'static str)>, StateError> {
+    let identity = c.identity_key();
+    let mut aliases = vec![handle_alias(&c.platform, &c.author.id)];
+    if let Some(handle) = &c.author.handle {
+        aliases.push(handle_alias(&c.platform, handle));
+    }
+    for alias in &aliases {
+        if let Some(contact) = store.identity(alias).await? {
+            return Ok(Some((contact, "admin")));
+        }
+    }
+    for key in std::iter::once(&identity).chain(&aliases) {
+        for partner in store.approved_partners(key).await? {
+            if let Some(contact) = store.identity(&partner).await? {
+                return Ok(Some((contact, "approved")));
+            }
+        }
+    }
+    if let Some(email) = c.author.email.as_deref().filter(|e| !e.trim().is_empty()) {
+        for profile in store.profiles_by_email(email).await? {
+            if let Some(contact) = profile.contact_id.filter(|_| profile.identity != identity) {
+                return Ok(Some((contact, "email")));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn upsert_for(c: &Contribution, email: Option<String>) -> ContactUpsert {
@@ -54,6 +106,7 @@ pub async fn resolve(
     // One resolution per distinct author identity.
     let mut by_identity: HashMap<String, Resolution> = HashMap::new();
     let mut unresolved: Vec<&Contribution> = Vec::new();
+    let mut newly_linked: Vec<String> = Vec::new();
     for c in contributions {
         let identity = c.identity_key();
         if c.author.id.trim().is_empty() {
@@ -67,10 +120,18 @@ pub async fn resolve(
             Some(contact) => {
                 by_identity.insert(identity, Resolution::Contact(contact));
             }
-            None => unresolved.push(c),
+            None => match linked_locally(store, c).await? {
+                Some((contact, via)) => {
+                    store.link_identity(&identity, &contact, via).await?;
+                    newly_linked.push(identity.clone());
+                    by_identity.insert(identity, Resolution::Contact(contact));
+                }
+                None => unresolved.push(c),
+            },
         }
     }
 
+    let unresolved_keys: Vec<String> = unresolved.iter().map(|c| c.identity_key()).collect();
     let email_of =
         |c: &Contribution| c.author.email.as_ref().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
     let (with_email, without_email): (Vec<&Contribution>, Vec<&Contribution>) =
@@ -141,6 +202,17 @@ pub async fn resolve(
         }
     }
 
+    // Weak evidence about the newly linked goes to the review queue.
+    newly_linked.extend(unresolved_keys.into_iter().filter(|key| {
+        matches!(by_identity.get(key), Some(Resolution::Contact(_)))
+    }));
+    for identity in &newly_linked {
+        let queued = store.suggest_reviews(identity).await?;
+        if queued > 0 {
+            tracing::info!(identity = %identity, queued, "possible same person queued for review");
+        }
+    }
+
     Ok(contributions
         .iter()
         .map(|c| {
@@ -150,6 +222,170 @@ pub async fn resolve(
                 .unwrap_or_else(|| Resolution::Rejected("author could not be resolved".into()))
         })
         .collect())
+}
+
+/// One side of `tributary identity link`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A platform identity the store has seen (`platform:user id`).
+    Identity(String),
+    /// A handle not seen yet: linked under [`handle_alias`].
+    Handle { platform: String, handle: String },
+    /// A CRM contact, written `CRMKIND:ID` (e.g. `hubspot:12345`) or `contact:ID`.
+    Contact(String),
+}
+
+impl Target {
+    /// The key this side is linked under.
+    fn key(&self) -> String {
+        match self {
+            Target::Identity(identity) => identity.clone(),
+            Target::Handle { platform, handle } => handle_alias(platform, handle),
+            Target::Contact(id) => format!("contact:{id}"),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Identity(identity) => write!(f, "{identity}"),
+            Target::Handle { platform, handle } => write!(f, "{platform}:{handle} (not seen yet)"),
+            Target::Contact(id) => write!(f, "contact {id}"),
+        }
+    }
+}
+
+/// Reads `platform:user-id-or-handle` or `CRMKIND:contact-id`.
+pub async fn parse_target(store: &dyn StateStore, crm_kind: &str, text: &str) -> Result<Target, IdentityError> {
+    let Some((prefix, rest)) = text.split_once(':').filter(|(p, r)| !p.is_empty() && !r.trim().is_empty()) else {
+        return Err(IdentityError::Refused(format!(
+            "`{text}` is neither `platform:handle` (e.g. reddit:u/alice) nor `{crm_kind}:CONTACT_ID`"
+        )));
+    };
+    if prefix == crm_kind || prefix == "contact" {
+        return Ok(Target::Contact(rest.trim().to_owned()));
+    }
+    let found = store.find_profiles(prefix, rest).await?;
+    match found.as_slice() {
+        [] => Ok(Target::Handle { platform: prefix.to_owned(), handle: rest.trim().to_owned() }),
+        [one] => Ok(Target::Identity(one.identity.clone())),
+        many => Err(IdentityError::Refused(format!(
+            "`{text}` names {} identities ({}); use the user id",
+            many.len(),
+            many.iter().map(|p| p.identity.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+async fn contact_of(store: &dyn StateStore, target: &Target) -> Result<Option<String>, StateError> {
+    match target {
+        Target::Contact(id) => Ok(Some(id.clone())),
+        other => store.identity(&other.key()).await,
+    }
+}
+
+/// Merges `merged` into `survivor`: in the CRM first (the activities move
+/// there, none is copied), then in the state store.
+pub async fn merge_contacts(
+    store: &dyn StateStore,
+    crm: &dyn Crm,
+    survivor: &str,
+    merged: &str,
+) -> Result<(), IdentityError> {
+    crm.merge_contacts(survivor, merged).await?;
+    store.merge_contacts(survivor, merged).await?;
+    tracing::info!(survivor, merged, "contacts merged");
+    Ok(())
+}
+
+/// Records that `a` and `b` are one person; returns what was done, in words.
+pub async fn link(store: &dyn StateStore, crm: &dyn Crm, a: &Target, b: &Target) -> Result<String, IdentityError> {
+    if let (Target::Contact(x), Target::Contact(y)) = (a, b)
+        && x == y
+    {
+        return Ok(format!("{a} is {b} already"));
+    }
+    let (contact_a, contact_b) = (contact_of(store, a).await?, contact_of(store, b).await?);
+    match (contact_a, contact_b) {
+        (Some(x), Some(y)) if x == y => Ok(format!("{a} and {b} are one contact ({x}) already")),
+        (Some(x), Some(y)) => {
+            // An explicit contact survives; else the first side's.
+            let (survivor, merged) = if matches!(b, Target::Contact(_)) { (y, x) } else { (x, y) };
+            merge_contacts(store, crm, &survivor, &merged).await?;
+            Ok(format!("merged contact {merged} into {survivor}: {a} and {b} are one person"))
+        }
+        (Some(contact), None) => {
+            store.link_identity(&b.key(), &contact, "admin").await?;
+            store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
+            Ok(format!("linked {b} to contact {contact}"))
+        }
+        (None, Some(contact)) => {
+            store.link_identity(&a.key(), &contact, "admin").await?;
+            store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
+            Ok(format!("linked {a} to contact {contact}"))
+        }
+        (None, None) => {
+            store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
+            Ok(format!("{a} and {b} will share one contact once either is resolved"))
+        }
+    }
+}
+
+/// Approves a queued pair: their contacts become one.
+pub async fn approve(store: &dyn StateStore, crm: &dyn Crm, id: i64) -> Result<String, IdentityError> {
+    let review = store
+        .reviews(None)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| IdentityError::Refused(format!("no review {id}; see `tributary identity pending`")))?;
+    let done =
+        link(store, crm, &Target::Identity(review.a.identity.clone()), &Target::Identity(review.b.identity.clone()))
+            .await?;
+    store.decide_review(id, true).await?;
+    Ok(done)
+}
+
+/// Rejects a queued pair: it is never queued again.
+pub async fn reject(store: &dyn StateStore, id: i64) -> Result<(), IdentityError> {
+    match store.decide_review(id, false).await? {
+        Some(_) => Ok(()),
+        None => Err(IdentityError::Refused(format!("no review {id}; see `tributary identity pending`"))),
+    }
+}
+
+/// Reads the CRM's per-platform handle fields back (during `crm setup` and
+/// on a schedule): an identity never linked is linked to the contact that
+/// carries its handle; one linked elsewhere goes to the review queue, since
+/// the CRM's data and an earlier resolution disagree. Returns (linked, queued).
+pub async fn recheck_handles(store: &dyn StateStore, crm: &dyn Crm) -> Result<(u64, u64), IdentityError> {
+    let (mut linked, mut queued) = (0, 0);
+    for profile in store.all_profiles().await? {
+        let Some(handle) = profile.handle.clone() else { continue };
+        let lookup = ContactLookup::Handle { platform: profile.platform.clone(), handle: handle.clone() };
+        let Some(contact) = crm.find_contact(&lookup).await? else { continue };
+        match profile.contact_id {
+            None => {
+                store.link_identity(&profile.identity, &contact, "crm-handle").await?;
+                linked += 1;
+            }
+            Some(current) if current != contact => {
+                // The CRM's own field against an earlier resolution: a person decides.
+                if let Some(partner) = store.profiles_of_contact(&contact).await?.first() {
+                    let evidence = format!(
+                        "the CRM's {} handle field of contact {contact} says \"{handle}\"",
+                        profile.platform
+                    );
+                    if store.queue_review(&partner.identity, &profile.identity, &evidence).await? {
+                        queued += 1;
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((linked, queued))
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub mod enrich;
 pub mod health;
 pub mod identity;
 pub mod pipeline;
+pub mod privacy;
 pub mod registry;
 pub mod scheduler;
 pub mod shutdown;

@@ -35,6 +35,8 @@ pub struct CommitStats {
     pub updated: u64,
     pub unchanged: u64,
     pub quarantined: u64,
+    /// Items of forgotten people: dropped, never stored.
+    pub forgotten: u64,
 }
 
 /// An outbox row claimed for delivery.
@@ -114,6 +116,57 @@ pub struct Totals {
     pub identities: u64,
 }
 
+/// A platform identity as last seen in a contribution.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Profile {
+    /// `platform:user id`, as [`tributary_sdk::Contribution::identity_key`].
+    pub identity: String,
+    pub platform: String,
+    pub user_id: String,
+    pub handle: Option<String>,
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    pub profile_url: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// The CRM contact the identity is linked to, once resolved.
+    pub contact_id: Option<String>,
+}
+
+/// A pair of identities that may be one person, on weak evidence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Review {
+    pub id: i64,
+    pub a: Profile,
+    pub b: Profile,
+    /// Why the pair was queued, e.g. `same display name "Léa Martin"`.
+    pub evidence: String,
+    /// `pending`, `approved` or `rejected`.
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What `erase_person` removed from the state store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Erased {
+    pub identities: u64,
+    pub contributions: u64,
+    pub outbox_rows: u64,
+    pub quarantined: u64,
+    pub reviews: u64,
+    pub alerts: u64,
+    /// CRM activity ids whose rows were erased: the caller archives or
+    /// deletes them in the CRM.
+    pub activity_ids: Vec<String>,
+}
+
+/// The digest under which a forgotten identity or e-mail is remembered:
+/// later polls recognise the person without the store keeping who it was.
+pub fn forgotten_digest(kind: &str, value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("tributary-forgotten\u{0}{kind}\u{0}{}", value.trim().to_lowercase())))
+}
+
 /// An alert waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct PendingAlert {
@@ -187,13 +240,64 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     async fn identity(&self, identity: &str) -> Result<Option<String>, StateError>;
     async fn link_identity(&self, identity: &str, contact_id: &str, via: &str) -> Result<(), StateError>;
 
-    /// Rollups of contacts whose activities changed since their last rollup.
-    async fn pending_rollups(&self, limit: usize) -> Result<Vec<Rollup>, StateError>;
+    /// Rollups of contacts whose activities changed since their last
+    /// rollup, recomputed from the activity index; 90-day figures and
+    /// `needs_attention` are taken at `now`.
+    async fn pending_rollups(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<Rollup>, StateError>;
+    /// Makes the rollup of every contact active since `since` due again:
+    /// their 90-day figures move with time even when nothing new arrives.
+    async fn refresh_rollups(&self, since: DateTime<Utc>) -> Result<u64, StateError>;
     /// Marks rollups written, unless the contact changed again meanwhile.
     async fn rollups_written(&self, rollups: &[Rollup]) -> Result<(), StateError>;
     /// The CRM refused a contact (deleted or merged there): no rollup is
     /// due for it any more, and identities linked to it are resolved again.
     async fn forget_contact(&self, contact_id: &str) -> Result<(), StateError>;
+
+    /// Identities of `platform` whose user id or handle is `id_or_handle`
+    /// (case-insensitive, a leading `@` or `u/` ignored).
+    async fn find_profiles(&self, platform: &str, id_or_handle: &str) -> Result<Vec<Profile>, StateError>;
+    /// Identities that gave this e-mail (case-insensitive).
+    async fn profiles_by_email(&self, email: &str) -> Result<Vec<Profile>, StateError>;
+    /// Identities linked to a contact.
+    async fn profiles_of_contact(&self, contact_id: &str) -> Result<Vec<Profile>, StateError>;
+    /// Queues for review every identity on another platform that shares
+    /// weak evidence with `identity` (same display name, same handle) and
+    /// is not already the same contact or decided; returns how many.
+    async fn suggest_reviews(&self, identity: &str) -> Result<u64, StateError>;
+    /// The review queue; `status` filters (`pending`, `approved`, `rejected`).
+    async fn reviews(&self, status: Option<&str>) -> Result<Vec<Review>, StateError>;
+    /// Records the decision on a review; `None` when there is no such id.
+    async fn decide_review(&self, id: i64, approved: bool) -> Result<Option<Review>, StateError>;
+    /// Every identity seen, with its link.
+    async fn all_profiles(&self) -> Result<Vec<Profile>, StateError>;
+    /// Queues a pair for review with the given evidence; false when the
+    /// pair was queued or decided before.
+    async fn queue_review(&self, a: &str, b: &str, evidence: &str) -> Result<bool, StateError>;
+    /// Records an administrator's pair of identities as approved (a link
+    /// between two identities neither of which has a contact yet).
+    async fn approve_pair(&self, a: &str, b: &str, evidence: &str) -> Result<(), StateError>;
+    /// The identities approved (by review or an administrator) as the same
+    /// person as `identity`.
+    async fn approved_partners(&self, identity: &str) -> Result<Vec<String>, StateError>;
+    /// Two contacts are one person: identities, activities, outbox rows and
+    /// alerts of `merged` move to `survivor`, whose rollup is due.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), StateError>;
+
+    /// Remembers digests of forgotten identities and e-mails, so later
+    /// polls drop their contributions.
+    async fn remember_forgotten(&self, digests: &[String]) -> Result<(), StateError>;
+    /// The CRM activity ids of a person's delivered contributions.
+    async fn person_activities(&self, identities: &[String], contacts: &[String]) -> Result<Vec<String>, StateError>;
+    /// Removes every trace of a person: their identities and profiles,
+    /// contributions (ledger, outbox, dead letters, activity index),
+    /// quarantined items naming them, reviews, alerts and contacts' rollups.
+    async fn erase_person(
+        &self,
+        identities: &[String],
+        emails: &[String],
+        contacts: &[String],
+        needles: &[String],
+    ) -> Result<Erased, StateError>;
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError>;
     /// Puts dead letters back in the outbox (all when `ids` is empty); returns how many.

@@ -11,11 +11,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use secrecy::ExposeSecret;
-use tributary_sdk::{Contribution, Cursor, Quarantined, Rollup, StoredToken, TokenStore, TokenStoreError};
+use tributary_sdk::{
+    Contribution, Cursor, PlatformRollup, Quarantined, Rollup, StoredToken, TokenStore, TokenStoreError,
+};
 
 use super::{
-    AlertOutcome, Claimed, CommitStats, DeadLetter, Delivery, Finished, PendingAlert, SourceState, StateError, StateStore,
-    Totals,
+    AlertOutcome, Claimed, CommitStats, DeadLetter, Delivery, Erased, Finished, PendingAlert, Profile, Review, SourceState,
+    StateError, StateStore, Totals,
 };
 
 /// Versioned schema: each entry runs once, in order, in a transaction.
@@ -238,9 +240,10 @@ impl SqliteStore {
             for contribution in &contributions {
                 newest = newest.max(Some(contribution.created_at.timestamp_millis()));
                 match store_contribution(&tx, &source, contribution, now)? {
-                    None => stats.unchanged += 1,
-                    Some(false) => stats.new += 1,
-                    Some(true) => stats.updated += 1,
+                    Stored::Unchanged => stats.unchanged += 1,
+                    Stored::New => stats.new += 1,
+                    Stored::Updated => stats.updated += 1,
+                    Stored::Forgotten => stats.forgotten += 1,
                 }
             }
             for item in &quarantined {
@@ -343,19 +346,75 @@ fn in_list(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// How one contribution of a committed page was stored.
+enum Stored {
+    Unchanged,
+    New,
+    Updated,
+    /// Its author was forgotten: dropped, no trace kept.
+    Forgotten,
+}
+
+fn is_forgotten(tx: &Transaction<'_>, contribution: &Contribution) -> Result<bool, StateError> {
+    let mut digests = vec![super::forgotten_digest("identity", &contribution.identity_key())];
+    if let Some(email) = contribution.author.email.as_deref().filter(|e| !e.trim().is_empty()) {
+        digests.push(super::forgotten_digest("email", email));
+    }
+    let mut query = tx.prepare_cached("SELECT 1 FROM forgotten WHERE digest = ?1")?;
+    for digest in digests {
+        if query.exists([digest])? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Keeps what the platform says of the author: the identity graph's nodes.
+fn record_profile(tx: &Transaction<'_>, contribution: &Contribution) -> Result<(), StateError> {
+    let author = &contribution.author;
+    if author.id.trim().is_empty() {
+        return Ok(());
+    }
+    let seen = contribution.created_at.timestamp_millis();
+    let email = author.email.as_deref().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
+    tx.prepare_cached(
+        "INSERT INTO profiles (identity, platform, user_id, handle, display_name, email, profile_url, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+         ON CONFLICT (identity) DO UPDATE SET
+           handle = COALESCE(excluded.handle, handle), display_name = COALESCE(excluded.display_name, display_name),
+           email = COALESCE(excluded.email, email), profile_url = COALESCE(excluded.profile_url, profile_url),
+           first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
+    )?
+    .execute(params![
+        contribution.identity_key(),
+        contribution.platform,
+        author.id,
+        author.handle,
+        author.display_name,
+        email,
+        author.profile_url,
+        seen
+    ])?;
+    Ok(())
+}
+
 fn store_contribution(
     tx: &Transaction<'_>,
     source: &str,
     contribution: &Contribution,
     now: i64,
-) -> Result<Option<bool>, StateError> {
+) -> Result<Stored, StateError> {
+    if is_forgotten(tx, contribution)? {
+        return Ok(Stored::Forgotten);
+    }
     let key = contribution.key();
     let hash = contribution.content_hash();
     let known: Option<String> =
         tx.query_row("SELECT content_hash FROM ledger WHERE key = ?1", [&key], |r| r.get(0)).optional()?;
     if known.as_deref() == Some(hash.as_str()) {
-        return Ok(None);
+        return Ok(Stored::Unchanged);
     }
+    record_profile(tx, contribution)?;
     let payload = serde_json::to_string(contribution).map_err(|e| StateError::Other(e.to_string()))?;
     tx.execute(
         "INSERT INTO ledger (key, source, content_hash, first_seen, last_changed) VALUES (?1, ?2, ?3, ?4, ?4)
@@ -373,7 +432,178 @@ fn store_contribution(
             params![key, source, payload, hash, now],
         )?;
     }
-    Ok(Some(known.is_some()))
+    Ok(if known.is_some() { Stored::Updated } else { Stored::New })
+}
+
+/// The start of a contribution's text, for the rollup's last contribution.
+fn excerpt(c: &Contribution) -> Option<String> {
+    let text = if c.body.trim().is_empty() { c.title.as_deref().unwrap_or("") } else { c.body.as_str() };
+    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.is_empty() {
+        return None;
+    }
+    let mut cut: String = text.chars().take(200).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    Some(cut)
+}
+
+/// `?, ?, ?` for `n` values.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+const PROFILE_COLUMNS: &str = "p.identity, p.platform, p.user_id, p.handle, p.display_name, p.email, p.profile_url,
+    p.first_seen, p.last_seen, (SELECT contact_id FROM identities i WHERE i.identity = p.identity)";
+
+fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Profile> {
+    Ok(Profile {
+        identity: r.get(0)?,
+        platform: r.get(1)?,
+        user_id: r.get(2)?,
+        handle: r.get(3)?,
+        display_name: r.get(4)?,
+        email: r.get(5)?,
+        profile_url: r.get(6)?,
+        first_seen: from_ms(r.get(7)?),
+        last_seen: from_ms(r.get(8)?),
+        contact_id: r.get(9)?,
+    })
+}
+
+fn profile(conn: &Connection, identity: &str) -> Result<Option<Profile>, StateError> {
+    Ok(conn
+        .query_row(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.identity = ?1"), [identity], profile_row)
+        .optional()?)
+}
+
+/// A profile for an identity the store never saw (an administrator's link).
+fn bare_profile(identity: &str) -> Profile {
+    let (platform, user_id) = identity.split_once(':').unwrap_or(("", identity));
+    Profile {
+        identity: identity.to_owned(),
+        platform: platform.to_owned(),
+        user_id: user_id.to_owned(),
+        handle: None,
+        display_name: None,
+        email: None,
+        profile_url: None,
+        first_seen: DateTime::<Utc>::default(),
+        last_seen: DateTime::<Utc>::default(),
+        contact_id: None,
+    }
+}
+
+fn review_row(conn: &Connection, row: (i64, String, String, String, String, i64)) -> Result<Review, StateError> {
+    let (id, a, b, evidence, status, created_at) = row;
+    Ok(Review {
+        id,
+        a: profile(conn, &a)?.unwrap_or_else(|| bare_profile(&a)),
+        b: profile(conn, &b)?.unwrap_or_else(|| bare_profile(&b)),
+        evidence,
+        status,
+        created_at: from_ms(created_at),
+    })
+}
+
+/// Lower-case letters and digits only: `Lea_M` and `lea.m` are similar handles.
+const SIMILAR_HANDLE_SQL: &str =
+    "replace(replace(replace(replace(lower(trim(COALESCE({}, ''), '@')), '_', ''), '-', ''), '.', ''), ' ', '')";
+
+/// The figures of one contact, from its activities (see [`Rollup`]).
+struct ActivityRow {
+    platform: String,
+    created_at: DateTime<Utc>,
+    sentiment: Option<f64>,
+    intent: Option<String>,
+    url: Option<String>,
+    excerpt: Option<String>,
+    handle: Option<String>,
+    profile_url: Option<String>,
+}
+
+/// A complaint this recent, with no praise from the person after it, needs attention.
+const UNRESOLVED_COMPLAINT_DAYS: i64 = 30;
+/// Sentiment of the last week this far below the 90 days before it needs attention.
+const SENTIMENT_DROP: f64 = 0.5;
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0u32), |(sum, n), v| (sum + v, n + 1));
+    (n > 0).then(|| sum / f64::from(n))
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+fn compute_rollup(contact_id: String, rows: &[ActivityRow], now: DateTime<Utc>) -> Rollup {
+    let mut rollup = Rollup { contact_id, contribution_count: rows.len() as u64, ..Rollup::default() };
+    let count = |intent: &str| rows.iter().filter(|r| r.intent.as_deref() == Some(intent)).count() as u64;
+    rollup.questions = count("question");
+    rollup.complaints = count("complaint");
+    rollup.ideas = count("idea");
+    rollup.praise = count("praise");
+    rollup.sentiment_avg = round3(mean(rows.iter().filter_map(|r| r.sentiment)).unwrap_or(0.0));
+    // Rows come oldest first.
+    if let Some(last) = rows.last() {
+        rollup.last_contribution_at = last.created_at;
+        rollup.last_platform = last.platform.clone();
+        rollup.last_url = last.url.clone();
+        rollup.last_excerpt = last.excerpt.clone();
+    }
+    let mut platforms: Vec<String> = rows.iter().map(|r| r.platform.clone()).collect();
+    platforms.sort();
+    platforms.dedup();
+    rollup.per_platform = platforms
+        .iter()
+        .map(|platform| {
+            let on: Vec<&ActivityRow> = rows.iter().filter(|r| &r.platform == platform).collect();
+            let named = on.iter().rev().find(|r| r.handle.is_some() || r.profile_url.is_some());
+            PlatformRollup {
+                platform: platform.clone(),
+                handle: named.and_then(|r| r.handle.clone()),
+                profile_url: named.and_then(|r| r.profile_url.clone()),
+                first_seen: on.first().map(|r| r.created_at).unwrap_or_default(),
+                last_seen: on.last().map(|r| r.created_at).unwrap_or_default(),
+                contributions: on.len() as u64,
+            }
+        })
+        .collect();
+    rollup.platforms = platforms;
+
+    let window = now - chrono::Duration::days(90);
+    let week = now - chrono::Duration::days(7);
+    let recent: Vec<&ActivityRow> = rows.iter().filter(|r| r.created_at >= window).collect();
+    rollup.count_90d = recent.len() as u64;
+    rollup.sentiment_avg_90d = mean(recent.iter().filter_map(|r| r.sentiment)).map(round3);
+
+    let complaint_cutoff = now - chrono::Duration::days(UNRESOLVED_COMPLAINT_DAYS);
+    let last_complaint = rows.iter().rposition(|r| r.intent.as_deref() == Some("complaint"));
+    let unresolved = last_complaint.filter(|at| {
+        rows[*at].created_at >= complaint_cutoff && !rows[at + 1..].iter().any(|r| r.intent.as_deref() == Some("praise"))
+    });
+    let this_week = mean(recent.iter().filter(|r| r.created_at >= week).filter_map(|r| r.sentiment));
+    let this_week_n = recent.iter().filter(|r| r.created_at >= week && r.sentiment.is_some()).count();
+    let before = mean(recent.iter().filter(|r| r.created_at < week).filter_map(|r| r.sentiment));
+    let before_n = recent.iter().filter(|r| r.created_at < week && r.sentiment.is_some()).count();
+    if let Some(at) = unresolved {
+        rollup.needs_attention = true;
+        rollup.attention_reason = Some(format!(
+            "unresolved complaint on {} ({})",
+            rows[at].platform,
+            rows[at].created_at.format("%Y-%m-%d")
+        ));
+    } else if let (Some(now_avg), Some(before_avg)) = (this_week, before)
+        && this_week_n >= 2
+        && before_n >= 3
+        && before_avg - now_avg >= SENTIMENT_DROP
+    {
+        rollup.needs_attention = true;
+        rollup.attention_reason =
+            Some(format!("sentiment fell from {before_avg:.2} to {now_avg:.2} in the last 7 days"));
+    }
+    rollup
 }
 
 #[async_trait]
@@ -551,22 +781,27 @@ impl StateStore for SqliteStore {
                         }
                         let c = &item.contribution;
                         tx.execute(
-                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent, source, deleted)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                            "INSERT INTO activities (key, contact_id, activity_id, platform, created_at, sentiment, intent, source,
+                               deleted, identity, url, excerpt)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                              ON CONFLICT (key) DO UPDATE SET contact_id = excluded.contact_id, activity_id = excluded.activity_id,
                                platform = excluded.platform, created_at = excluded.created_at,
                                sentiment = excluded.sentiment, intent = excluded.intent, source = excluded.source,
-                               deleted = excluded.deleted",
+                               deleted = excluded.deleted, identity = excluded.identity, url = excluded.url,
+                               excerpt = excluded.excerpt",
                             params![
                                 c.key(),
                                 contact_id,
                                 activity_id,
                                 c.platform,
                                 c.created_at.timestamp_millis(),
-                                c.signals.as_ref().map(|s| s.sentiment),
+                                c.signals.as_ref().and_then(|s| s.scored_sentiment()),
                                 c.signals.as_ref().map(|s| s.intent.as_str()),
                                 c.source,
                                 c.deleted,
+                                c.identity_key(),
+                                c.url,
+                                excerpt(c),
                             ],
                         )?;
                         tx.execute(
@@ -653,44 +888,48 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn pending_rollups(&self, limit: usize) -> Result<Vec<Rollup>, StateError> {
+    async fn pending_rollups(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<Rollup>, StateError> {
         self.with(move |conn| {
             let mut due = conn.prepare("SELECT contact_id FROM rollups_due ORDER BY contact_id LIMIT ?1")?;
             let contacts: Vec<String> =
                 due.query_map([limit as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let mut activities = conn.prepare(
+                "SELECT a.platform, a.created_at, a.sentiment, a.intent, a.url, a.excerpt, p.handle, p.profile_url
+                 FROM activities a LEFT JOIN profiles p ON p.identity = a.identity
+                 WHERE a.contact_id = ?1 AND a.deleted = 0 ORDER BY a.created_at, a.key",
+            )?;
             let mut rollups = Vec::with_capacity(contacts.len());
             for contact_id in contacts {
-                let rollup = conn.query_row(
-                    "SELECT COUNT(*), MAX(created_at), AVG(COALESCE(sentiment, 0)),
-                        SUM(intent = 'question'), SUM(intent = 'complaint'), SUM(intent = 'idea'), SUM(intent = 'praise'),
-                        (SELECT platform FROM activities a2 WHERE a2.contact_id = ?1 AND a2.deleted = 0
-                         ORDER BY created_at DESC LIMIT 1),
-                        (SELECT GROUP_CONCAT(platform, ';') FROM (SELECT DISTINCT platform FROM activities a3
-                         WHERE a3.contact_id = ?1 AND a3.deleted = 0 ORDER BY platform))
-                     FROM activities WHERE contact_id = ?1 AND deleted = 0",
-                    [&contact_id],
-                    |r| {
-                        Ok(Rollup {
-                            contact_id: contact_id.clone(),
-                            contribution_count: r.get::<_, i64>(0)? as u64,
-                            last_contribution_at: from_ms(r.get::<_, Option<i64>>(1)?.unwrap_or(0)),
-                            sentiment_avg: r.get::<_, Option<f64>>(2)?.unwrap_or(0.0),
-                            questions: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
-                            complaints: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
-                            ideas: r.get::<_, Option<i64>>(5)?.unwrap_or(0) as u64,
-                            praise: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
-                            last_platform: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
-                            platforms: r
-                                .get::<_, Option<String>>(8)?
-                                .map(|p| p.split(';').map(str::to_owned).collect())
-                                .unwrap_or_default(),
-                            ..Default::default()
+                let rows: Vec<ActivityRow> = activities
+                    .query_map([&contact_id], |r| {
+                        Ok(ActivityRow {
+                            platform: r.get(0)?,
+                            created_at: from_ms(r.get(1)?),
+                            sentiment: r.get(2)?,
+                            intent: r.get(3)?,
+                            url: r.get(4)?,
+                            excerpt: r.get(5)?,
+                            handle: r.get(6)?,
+                            profile_url: r.get(7)?,
                         })
-                    },
-                )?;
-                rollups.push(rollup);
+                    })?
+                    .collect::<Result<_, _>>()?;
+                rollups.push(compute_rollup(contact_id, &rows, now));
             }
             Ok(rollups)
+        })
+        .await
+    }
+
+    async fn refresh_rollups(&self, since: DateTime<Utc>) -> Result<u64, StateError> {
+        self.with(move |conn| {
+            let due = conn.execute(
+                "INSERT INTO rollups_due (contact_id, version)
+                 SELECT DISTINCT contact_id, 1 FROM activities WHERE created_at >= ?1 AND deleted = 0 AND true
+                 ON CONFLICT (contact_id) DO UPDATE SET version = version + 1",
+                [since.timestamp_millis()],
+            )?;
+            Ok(due as u64)
         })
         .await
     }
@@ -722,6 +961,335 @@ impl StateStore for SqliteStore {
             tx.execute("DELETE FROM identities WHERE contact_id = ?1", [&contact_id])?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn find_profiles(&self, platform: &str, id_or_handle: &str) -> Result<Vec<Profile>, StateError> {
+        let platform = platform.to_owned();
+        let wanted = id_or_handle.trim();
+        let handle = wanted.strip_prefix("/u/").or_else(|| wanted.strip_prefix("u/")).unwrap_or(wanted);
+        let handle = handle.trim_start_matches('@').to_owned();
+        let wanted = wanted.to_owned();
+        self.with(move |conn| {
+            let mut query = conn.prepare(&format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles p
+                 WHERE p.platform = ?1 AND (p.user_id = ?2 OR lower(p.handle) = lower(?3)
+                   OR lower(trim(p.handle, '@')) = lower(?3))
+                 ORDER BY p.identity"
+            ))?;
+            let found = query.query_map(params![platform, wanted, handle], profile_row)?.collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn profiles_by_email(&self, email: &str) -> Result<Vec<Profile>, StateError> {
+        let email = email.trim().to_lowercase();
+        self.with(move |conn| {
+            let mut query =
+                conn.prepare(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.email = ?1 ORDER BY p.identity"))?;
+            let found = query.query_map([email], profile_row)?.collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn profiles_of_contact(&self, contact_id: &str) -> Result<Vec<Profile>, StateError> {
+        let contact_id = contact_id.to_owned();
+        self.with(move |conn| {
+            let mut query = conn.prepare(&format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles p
+                 WHERE p.identity IN (SELECT identity FROM identities WHERE contact_id = ?1) ORDER BY p.identity"
+            ))?;
+            let found = query.query_map([contact_id], profile_row)?.collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn suggest_reviews(&self, identity: &str) -> Result<u64, StateError> {
+        let identity = identity.to_owned();
+        self.with(move |conn| {
+            let Some(me) = profile(conn, &identity)? else { return Ok(0) };
+            let similar = |column: &str| SIMILAR_HANDLE_SQL.replace("{}", column);
+            let mut query = conn.prepare(&format!(
+                "SELECT {PROFILE_COLUMNS},
+                   length(trim(COALESCE(?2, ''))) >= 3 AND lower(trim(p.display_name)) = lower(trim(?2)),
+                   length({me_handle}) >= 4 AND {their_handle} = {me_handle}
+                 FROM profiles p
+                 WHERE p.platform != ?3 AND p.identity != ?1
+                   AND ((length(trim(COALESCE(?2, ''))) >= 3 AND lower(trim(p.display_name)) = lower(trim(?2)))
+                     OR (length({me_handle}) >= 4 AND {their_handle} = {me_handle}))",
+                me_handle = similar("?4"),
+                their_handle = similar("p.handle"),
+            ))?;
+            let candidates: Vec<(Profile, bool, bool)> = query
+                .query_map(params![identity, me.display_name, me.platform, me.handle], |r| {
+                    Ok((profile_row(r)?, r.get(10)?, r.get(11)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut queued = 0;
+            for (other, same_name, same_handle) in candidates {
+                if me.contact_id.is_some() && other.contact_id == me.contact_id {
+                    continue;
+                }
+                let mut evidence = Vec::new();
+                if same_name {
+                    evidence.push(format!("same display name \"{}\"", me.display_name.as_deref().unwrap_or("")));
+                }
+                if same_handle {
+                    evidence.push(format!(
+                        "similar handles \"{}\" and \"{}\"",
+                        me.handle.as_deref().unwrap_or(""),
+                        other.handle.as_deref().unwrap_or("")
+                    ));
+                }
+                let (a, b) = if me.identity < other.identity { (&me, &other) } else { (&other, &me) };
+                queued += conn.execute(
+                    "INSERT INTO identity_reviews (identity_a, identity_b, evidence, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (identity_a, identity_b) DO NOTHING",
+                    params![a.identity, b.identity, evidence.join(", "), now_ms()],
+                )? as u64;
+            }
+            Ok(queued)
+        })
+        .await
+    }
+
+    async fn reviews(&self, status: Option<&str>) -> Result<Vec<Review>, StateError> {
+        let status = status.map(str::to_owned);
+        self.with(move |conn| {
+            let mut query = conn.prepare(
+                "SELECT id, identity_a, identity_b, evidence, status, created_at FROM identity_reviews
+                 WHERE ?1 IS NULL OR status = ?1 ORDER BY id",
+            )?;
+            let rows: Vec<(i64, String, String, String, String, i64)> = query
+                .query_map([status], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter().map(|row| review_row(conn, row)).collect()
+        })
+        .await
+    }
+
+    async fn decide_review(&self, id: i64, approved: bool) -> Result<Option<Review>, StateError> {
+        self.with(move |conn| {
+            let status = if approved { "approved" } else { "rejected" };
+            let changed = conn.execute(
+                "UPDATE identity_reviews SET status = ?2, decided_at = ?3 WHERE id = ?1",
+                params![id, status, now_ms()],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            let row = conn.query_row(
+                "SELECT id, identity_a, identity_b, evidence, status, created_at FROM identity_reviews WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )?;
+            Ok(Some(review_row(conn, row)?))
+        })
+        .await
+    }
+
+    async fn all_profiles(&self) -> Result<Vec<Profile>, StateError> {
+        self.with(|conn| {
+            let mut query = conn.prepare(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p ORDER BY p.identity"))?;
+            let found = query.query_map([], profile_row)?.collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
+    async fn queue_review(&self, a: &str, b: &str, evidence: &str) -> Result<bool, StateError> {
+        let (a, b) = if a < b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) };
+        let evidence = evidence.to_owned();
+        self.with(move |conn| {
+            let queued = conn.execute(
+                "INSERT INTO identity_reviews (identity_a, identity_b, evidence, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (identity_a, identity_b) DO NOTHING",
+                params![a, b, evidence, now_ms()],
+            )?;
+            Ok(queued == 1)
+        })
+        .await
+    }
+
+    async fn approve_pair(&self, a: &str, b: &str, evidence: &str) -> Result<(), StateError> {
+        let (a, b) = if a < b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) };
+        let evidence = evidence.to_owned();
+        self.with(move |conn| {
+            let now = now_ms();
+            conn.execute(
+                "INSERT INTO identity_reviews (identity_a, identity_b, evidence, status, created_at, decided_at)
+                 VALUES (?1, ?2, ?3, 'approved', ?4, ?4)
+                 ON CONFLICT (identity_a, identity_b) DO UPDATE SET status = 'approved', decided_at = excluded.decided_at",
+                params![a, b, evidence, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn approved_partners(&self, identity: &str) -> Result<Vec<String>, StateError> {
+        let identity = identity.to_owned();
+        self.with(move |conn| {
+            let mut query = conn.prepare(
+                "SELECT CASE WHEN identity_a = ?1 THEN identity_b ELSE identity_a END FROM identity_reviews
+                 WHERE status = 'approved' AND (identity_a = ?1 OR identity_b = ?1) ORDER BY id",
+            )?;
+            let partners = query.query_map([identity], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(partners)
+        })
+        .await
+    }
+
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), StateError> {
+        let (survivor, merged) = (survivor.to_owned(), merged.to_owned());
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for table in ["identities", "activities", "outbox", "alerts"] {
+                tx.execute(&format!("UPDATE {table} SET contact_id = ?1 WHERE contact_id = ?2"), params![survivor, merged])?;
+            }
+            tx.execute("DELETE FROM rollups_due WHERE contact_id = ?1", [&merged])?;
+            tx.execute(
+                "INSERT INTO rollups_due (contact_id, version) VALUES (?1, 1)
+                 ON CONFLICT (contact_id) DO UPDATE SET version = version + 1",
+                [&survivor],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remember_forgotten(&self, digests: &[String]) -> Result<(), StateError> {
+        let digests = digests.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for digest in &digests {
+                tx.execute(
+                    "INSERT INTO forgotten (digest, at) VALUES (?1, ?2) ON CONFLICT (digest) DO NOTHING",
+                    params![digest, now_ms()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn person_activities(&self, identities: &[String], contacts: &[String]) -> Result<Vec<String>, StateError> {
+        let (identities, contacts) = (identities.to_vec(), contacts.to_vec());
+        self.with(move |conn| {
+            let mut query = conn.prepare(&format!(
+                "SELECT DISTINCT activity_id FROM activities WHERE identity IN ({}) OR contact_id IN ({}) ORDER BY activity_id",
+                placeholders(identities.len()),
+                placeholders(contacts.len())
+            ))?;
+            let ids = query
+                .query_map(rusqlite::params_from_iter(identities.iter().chain(contacts.iter())), |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn erase_person(
+        &self,
+        identities: &[String],
+        emails: &[String],
+        contacts: &[String],
+        needles: &[String],
+    ) -> Result<Erased, StateError> {
+        let identities = identities.to_vec();
+        let emails: Vec<String> = emails.iter().map(|e| e.trim().to_lowercase()).collect();
+        let contacts = contacts.to_vec();
+        let needles: Vec<String> = needles.iter().filter(|n| n.chars().count() >= 4).cloned().collect();
+        self.with(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut erased = Erased::default();
+            let ids = placeholders(identities.len());
+            let mails = placeholders(emails.len());
+            let people = placeholders(contacts.len());
+            let values = |lists: &[&Vec<String>]| -> Vec<String> { lists.iter().flat_map(|l| l.iter().cloned()).collect() };
+
+            // Every contribution of theirs: delivered (activity index) or not (outbox payloads).
+            let mut keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+            {
+                let mut query = tx.prepare(&format!(
+                    "SELECT key, activity_id FROM activities WHERE identity IN ({ids}) OR contact_id IN ({people})"
+                ))?;
+                let rows = query.query_map(rusqlite::params_from_iter(values(&[&identities, &contacts])), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (key, activity_id) = row?;
+                    keys.insert(key);
+                    erased.activity_ids.push(activity_id);
+                }
+                let mut query = tx.prepare(&format!(
+                    "SELECT DISTINCT key FROM outbox
+                     WHERE json_extract(payload, '$.platform') || ':' || json_extract(payload, '$.author.id') IN ({ids})
+                        OR lower(json_extract(payload, '$.author.email')) IN ({mails})
+                        OR contact_id IN ({people})"
+                ))?;
+                let rows = query
+                    .query_map(rusqlite::params_from_iter(values(&[&identities, &emails, &contacts])), |r| r.get(0))?;
+                for key in rows {
+                    keys.insert(key?);
+                }
+            }
+            let keys: Vec<String> = keys.into_iter().collect();
+            let key_list = placeholders(keys.len());
+            let by_key = |sql: &str| -> Result<usize, StateError> {
+                Ok(tx.execute(&sql.replace("{keys}", &key_list), rusqlite::params_from_iter(keys.iter()))?)
+            };
+            erased.contributions = by_key("DELETE FROM ledger WHERE key IN ({keys})")? as u64;
+            erased.outbox_rows = by_key("DELETE FROM outbox WHERE key IN ({keys})")? as u64;
+            by_key("DELETE FROM activities WHERE key IN ({keys})")?;
+            erased.alerts = by_key("DELETE FROM alerts WHERE key IN ({keys})")? as u64;
+            erased.alerts +=
+                tx.execute(&format!("DELETE FROM alerts WHERE contact_id IN ({people})"), rusqlite::params_from_iter(contacts.iter()))?
+                    as u64;
+            tx.execute(
+                &format!("DELETE FROM activities WHERE contact_id IN ({people})"),
+                rusqlite::params_from_iter(contacts.iter()),
+            )?;
+            tx.execute(
+                &format!("DELETE FROM rollups_due WHERE contact_id IN ({people})"),
+                rusqlite::params_from_iter(contacts.iter()),
+            )?;
+            erased.reviews = tx.execute(
+                &format!("DELETE FROM identity_reviews WHERE identity_a IN ({ids}) OR identity_b IN ({ids})"),
+                rusqlite::params_from_iter(identities.iter().chain(identities.iter())),
+            )? as u64;
+            // Links by identity, by an administrator's `platform@handle`, and to their contacts.
+            let aliases: Vec<String> = {
+                let mut query = tx.prepare(&format!(
+                    "SELECT platform || '@' || lower(handle) FROM profiles WHERE handle IS NOT NULL AND identity IN ({ids})"
+                ))?;
+                query.query_map(rusqlite::params_from_iter(identities.iter()), |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            erased.identities = tx.execute(
+                &format!(
+                    "DELETE FROM identities WHERE identity IN ({ids}) OR identity IN ({}) OR contact_id IN ({people})",
+                    placeholders(aliases.len())
+                ),
+                rusqlite::params_from_iter(identities.iter().chain(aliases.iter()).chain(contacts.iter())),
+            )? as u64;
+            tx.execute(
+                &format!("DELETE FROM profiles WHERE identity IN ({ids}) OR email IN ({mails})"),
+                rusqlite::params_from_iter(identities.iter().chain(emails.iter())),
+            )?;
+            for needle in &needles {
+                erased.quarantined += tx.execute(
+                    "DELETE FROM quarantine WHERE instr(lower(raw), lower(?1)) > 0 OR instr(lower(reason), lower(?1)) > 0",
+                    [needle],
+                )? as u64;
+            }
+            tx.commit()?;
+            Ok(erased)
         })
         .await
     }
@@ -824,7 +1392,18 @@ impl StateStore for SqliteStore {
                         "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE at < ?1 LIMIT 5000)",
                         [cutoff],
                     )?;
-                    Ok((rows + quarantined) as u64)
+                    // Raw text kept elsewhere goes too; the rows stay (at most one alert per contribution).
+                    let excerpts = conn.execute(
+                        "UPDATE activities SET excerpt = NULL WHERE key IN (SELECT key FROM activities
+                           WHERE excerpt IS NOT NULL AND created_at < ?1 LIMIT 5000)",
+                        [cutoff],
+                    )?;
+                    let alerts = conn.execute(
+                        "UPDATE alerts SET payload = '{}' WHERE id IN (SELECT id FROM alerts
+                           WHERE status != 'pending' AND payload != '{}' AND created_at < ?1 LIMIT 5000)",
+                        [cutoff],
+                    )?;
+                    Ok((rows + quarantined + excerpts + alerts) as u64)
                 })
                 .await?;
             total += deleted;
@@ -1116,15 +1695,16 @@ mod tests {
         let totals = store.totals().await.unwrap();
         assert_eq!((totals.backlog, totals.dead_letters, totals.delivered, totals.quarantined), (0, 1, 1, 1));
 
-        let rollups = store.pending_rollups(10).await.unwrap();
+        let rollups = store.pending_rollups(10, Utc::now()).await.unwrap();
         assert_eq!(rollups.len(), 1);
         assert_eq!(rollups[0].contribution_count, 1);
         store.rollups_written(&rollups).await.unwrap();
-        assert!(store.pending_rollups(10).await.unwrap().is_empty());
+        assert!(store.pending_rollups(10, Utc::now()).await.unwrap().is_empty());
 
-        // Pruning drops finished rows, not what they did: the ledger still
-        // knows the item and the delivered count stays.
-        assert_eq!(store.prune(Utc::now() + chrono::Duration::seconds(1)).await.unwrap(), 2);
+        // Pruning drops finished rows and raw text (the delivered row, the
+        // quarantined item, the activity's excerpt), not what they did: the
+        // ledger still knows the item and the delivered count stays.
+        assert_eq!(store.prune(Utc::now() + chrono::Duration::seconds(1)).await.unwrap(), 3);
         assert_eq!(store.totals().await.unwrap().delivered, 1);
         let again = store.commit_page("s", vec![claimed[1].contribution.clone()], vec![], None).await.unwrap();
         assert_eq!(again.unchanged, 1, "a pruned item is still known");
@@ -1208,9 +1788,9 @@ mod tests {
         store.commit_page("s", vec![item("1", "a")], vec![], None).await.unwrap();
         finish_all(&store, Delivery::Delivered { contact_id: "c1".into(), activity_id: "a1".into() }).await;
         store.link_identity("forum:u1", "c1", "email").await.unwrap();
-        assert_eq!(store.pending_rollups(10).await.unwrap().len(), 1);
+        assert_eq!(store.pending_rollups(10, Utc::now()).await.unwrap().len(), 1);
         store.forget_contact("c1").await.unwrap();
-        assert!(store.pending_rollups(10).await.unwrap().is_empty());
+        assert!(store.pending_rollups(10, Utc::now()).await.unwrap().is_empty());
         assert_eq!(store.identity("forum:u1").await.unwrap(), None);
     }
 

@@ -10,7 +10,13 @@
 //!   `<prefix>key` (the contribution's activity key), then associated with
 //!   its contact through the idempotent default association. Replaying a
 //!   batch updates the same notes and creates nothing.
-//! - Rollups go to the contact with `batch/update`.
+//! - Rollups go to the contact with `batch/update`: the totals, the last
+//!   contribution's link and excerpt, the 90-day figures, the attention flag
+//!   and, per platform, first and last sighting and contribution count.
+//! - Contacts are merged with `POST /crm/v3/objects/contacts/merge`; HubSpot
+//!   moves the merged contact's notes to the survivor.
+//! - Deleting notes archives them: HubSpot's API has no other deletion (the
+//!   recycling bin purges them after 90 days).
 //! - `setup` creates the property group and the custom properties, reading
 //!   first what exists, so it can run any number of times.
 //!
@@ -45,7 +51,8 @@ use url::Url;
 use self::{
     batch::{BatchInput, Names, Written},
     properties::{
-        PropertySpec, contact_properties, handle_property, note_properties, profile_property, user_id_property,
+        PropertySpec, contact_properties, contributions_property, first_seen_property, handle_property,
+        last_seen_property, note_properties, profile_property, user_id_property,
     },
 };
 
@@ -54,6 +61,10 @@ const DEFAULT_PREFIX: &str = "tributary_";
 /// The object types Tributary writes, as the v3 paths name them.
 const CONTACTS: &str = "contacts";
 const NOTES: &str = "notes";
+/// HubSpot's read-only contact property listing the ids merged into a contact.
+const MERGED_IDS: &str = "hs_merged_object_ids";
+/// Longest text written to a rollup's text properties (HubSpot allows 65,536).
+const ROLLUP_TEXT_MAX: usize = 1_000;
 
 /// Settings of the HubSpot sink (the `[crm]` table with `type = "hubspot"`).
 #[derive(Debug, Clone, Deserialize)]
@@ -347,23 +358,90 @@ impl HubSpotCrm {
         Ok(())
     }
 
+    /// The contact properties of one rollup. Every figure is written, empty
+    /// when it has no value, so a value from an earlier rollup never stays.
     fn rollup_properties(&self, rollup: &Rollup) -> Map<String, Value> {
         let mut properties = Map::new();
-        let mut set = |name: &str, value: String| {
-            properties.insert(self.property(name), Value::String(value));
+        let mut set = |name: String, value: String| {
+            properties.insert(name, Value::String(value));
         };
-        set("last_contribution_at", note::timestamp(rollup.last_contribution_at));
-        set("last_platform", rollup.last_platform.clone());
-        set("contribution_count", rollup.contribution_count.to_string());
-        set("platforms", rollup.platforms.join(";"));
+        let own = |name: &str| self.property(name);
+        set(own("last_contribution_at"), note::timestamp(rollup.last_contribution_at));
+        set(own("last_platform"), rollup.last_platform.clone());
+        set(own("contribution_count"), rollup.contribution_count.to_string());
+        set(own("platforms"), rollup.platforms.join(";"));
         if let Some(sentiment) = note::number(rollup.sentiment_avg) {
-            set("sentiment_avg", sentiment);
+            set(own("sentiment_avg"), sentiment);
         }
-        set("questions", rollup.questions.to_string());
-        set("complaints", rollup.complaints.to_string());
-        set("ideas", rollup.ideas.to_string());
-        set("praise", rollup.praise.to_string());
+        set(own("questions"), rollup.questions.to_string());
+        set(own("complaints"), rollup.complaints.to_string());
+        set(own("ideas"), rollup.ideas.to_string());
+        set(own("praise"), rollup.praise.to_string());
+        let last_url = rollup.last_url.as_deref().and_then(note::web_link).unwrap_or_default();
+        set(own("last_url"), note::text_property(&last_url, ROLLUP_TEXT_MAX));
+        let excerpt = rollup.last_excerpt.as_deref().unwrap_or_default();
+        set(own("last_excerpt"), note::text_property(excerpt, ROLLUP_TEXT_MAX));
+        set(own("contributions_90d"), rollup.count_90d.to_string());
+        set(own("sentiment_90d"), rollup.sentiment_avg_90d.and_then(note::number).unwrap_or_default());
+        set(own("needs_attention"), rollup.needs_attention.to_string());
+        let reason = rollup.attention_reason.as_deref().unwrap_or_default();
+        set(own("attention_reason"), note::text_property(reason, ROLLUP_TEXT_MAX));
+        for platform in &rollup.per_platform {
+            set(first_seen_property(&self.prefix, &platform.platform), note::timestamp(platform.first_seen));
+            set(last_seen_property(&self.prefix, &platform.platform), note::timestamp(platform.last_seen));
+            set(contributions_property(&self.prefix, &platform.platform), platform.contributions.to_string());
+        }
         properties
+    }
+
+    /// Whether `merged` is already part of `survivor`, asked after HubSpot
+    /// refused to merge them: yes when the survivor lists it among its
+    /// merged ids, when HubSpot resolves its id to the survivor, or when it
+    /// is gone while the survivor exists. `Err` when the survivor is not a
+    /// contact of its own (unknown, or merged into another).
+    async fn already_merged(&self, survivor: &str, merged: &str, refusal: &HttpResponse) -> Result<bool, CrmError> {
+        let found = match self.contact(survivor, &[MERGED_IDS]).await? {
+            Ok(found) => found,
+            // HubSpot's own refusal says best what is wrong.
+            Err(_) => return Err(self.unexpected(refusal)),
+        };
+        if found.id != survivor {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge HubSpot contact {merged} into {survivor}: {survivor} was itself merged into {}; \
+                 link the person to {} instead",
+                found.id, found.id
+            )));
+        }
+        let listed = found.properties.get(MERGED_IDS).and_then(Value::as_str).unwrap_or_default();
+        if listed.split(';').any(|id| id.trim() == merged) {
+            return Ok(true);
+        }
+        match self.contact(merged, &[]).await? {
+            // HubSpot answers for a merged id with the contact it went into.
+            Ok(found) => Ok(found.id == survivor),
+            Err(_) => {
+                tracing::warn!(survivor, merged, "hubspot has no contact to merge; taking the merge as done");
+                Ok(true)
+            }
+        }
+    }
+
+    /// `GET /crm/v3/objects/contacts/{id}` with the named properties; the
+    /// 404 answer as `Ok(Err(_))`.
+    async fn contact(&self, id: &str, properties: &[&str]) -> Result<Result<ContactAnswer, HttpResponse>, CrmError> {
+        let id_segment: String = url::form_urlencoded::byte_serialize(id.as_bytes()).collect();
+        let mut path = format!("/crm/v3/objects/contacts/{id_segment}");
+        if !properties.is_empty() {
+            let names: Vec<String> =
+                properties.iter().map(|name| url::form_urlencoded::byte_serialize(name.as_bytes()).collect()).collect();
+            path.push_str(&format!("?properties={}", names.join(",")));
+        }
+        let response = self.call(Method::GET, &path, None).await?;
+        match response.status.as_u16() {
+            200 => response.json().map(Ok).map_err(|error| CrmError::Decode(self.scrub(&error.to_string()))),
+            404 => Ok(Err(response)),
+            _ => Err(self.unexpected(&response)),
+        }
     }
 
     /// Inputs of the contact upsert, one per upsert key (properties of
@@ -551,6 +629,16 @@ struct PropertyInfo {
     has_unique_value: bool,
 }
 
+/// A contact as `GET /crm/v3/objects/contacts/{id}` and the merge answer it
+/// (`SimplePublicObject`); HubSpot sends `null` for a requested property
+/// without a value.
+#[derive(Debug, Deserialize)]
+struct ContactAnswer {
+    id: String,
+    #[serde(default)]
+    properties: Map<String, Value>,
+}
+
 #[derive(Debug, Deserialize)]
 struct SearchAnswer {
     #[serde(default)]
@@ -727,6 +815,87 @@ impl Crm for HubSpotCrm {
             })
             .collect();
         Ok(spread(&owners, &written))
+    }
+
+    /// Archives the notes, as [`Crm::archive_activities`] does: HubSpot's
+    /// API deletes notes only into the recycling bin, which HubSpot purges
+    /// for good after 90 days (an administrator can empty it sooner). There
+    /// is no permanent deletion through the API; GDPR deletion exists for
+    /// contacts only.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// `POST /crm/v3/objects/contacts/merge` with the survivor as
+    /// `primaryObjectId`. HubSpot moves the merged contact's associations
+    /// (Tributary's notes among them) to the survivor. A refusal is taken
+    /// as done when the merge already happened (see `already_merged`).
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        if survivor.is_empty() || merged.is_empty() {
+            return Err(CrmError::Unsupported("merging HubSpot contacts needs two contact ids".into()));
+        }
+        if survivor == merged {
+            return Ok(());
+        }
+        let body = json!({ "primaryObjectId": survivor, "objectIdToMerge": merged });
+        let response = self.call(Method::POST, "/crm/v3/objects/contacts/merge", Some(&body)).await?;
+        match response.status.as_u16() {
+            200 | 201 => {
+                let result: ContactAnswer =
+                    response.json().map_err(|error| CrmError::Decode(self.scrub(&error.to_string())))?;
+                if result.id != survivor {
+                    return Err(CrmError::Unsupported(format!(
+                        "HubSpot merged contact {merged} into {survivor} but the result has the id {}; \
+                         Tributary's links still name {survivor}: link the person to {} again",
+                        result.id, result.id
+                    )));
+                }
+                tracing::info!(survivor, merged, "hubspot contacts merged");
+                Ok(())
+            }
+            400 | 404 | 409 => {
+                if self.already_merged(survivor, merged, &response).await? {
+                    tracing::info!(survivor, merged, "hubspot contacts were already merged");
+                    return Ok(());
+                }
+                let error = ErrorBody::parse(&response);
+                tracing::debug!(survivor, merged, message = %self.scrub(&error.describe(&response)), "hubspot refused a merge");
+                Err(self.unexpected(&response))
+            }
+            _ => Err(self.unexpected(&response)),
+        }
+    }
+
+    /// `GET /crm/v3/objects/contacts/{id}?properties=...`: the requested
+    /// properties that have a value (HubSpot sends `null` or nothing for the
+    /// others). An unknown contact is an error.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let contact_id = contact_id.trim();
+        let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        if contact_id.is_empty() {
+            return Err(CrmError::Unsupported("reading HubSpot contact properties needs a contact id".into()));
+        }
+        let found = match self.contact(contact_id, &wanted).await? {
+            Ok(found) => found,
+            Err(not_found) => return Err(self.unexpected(&not_found)),
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|name| {
+                let value = found.properties.get(*name)?.as_str()?;
+                (!value.is_empty()).then(|| ((*name).to_owned(), value.to_owned()))
+            })
+            .collect())
     }
 }
 

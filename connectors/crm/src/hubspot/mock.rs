@@ -4,7 +4,10 @@
 //! definitions in memory and implements what Tributary uses with HubSpot's
 //! semantics: batch upsert by e-mail or by any unique property (same id and
 //! `new: false` for an existing key), batch update, search on `EQ` filters,
-//! default associations, and the properties API (409 on a duplicate). Batch
+//! default associations, the properties API (409 on a duplicate), reading a
+//! contact by id (a merged id answers with the contact it went into) and
+//! merging contacts (the merged contact's associations move to the primary
+//! one, which lists the merged id in `hs_merged_object_ids`). Batch
 //! results come back in reverse input order, as HubSpot does not promise
 //! input order either.
 //!
@@ -283,6 +286,33 @@ impl MockHubSpot {
     /// a 429 with `policyName: DAILY`.
     pub fn set_daily_remaining(&self, remaining: u64) {
         self.shared.lock().daily_remaining = Some(remaining);
+    }
+
+    /// Sets a property of a contact as an administrator would in HubSpot
+    /// (no validation); `false` when there is no contact `id`.
+    pub fn set_contact_property(&self, id: &str, name: &str, value: &str) -> bool {
+        let mut store = self.shared.lock();
+        let contact = id.parse::<u64>().ok().and_then(|id| store.objects.get_mut(CONTACTS)?.get_mut(&id));
+        match contact {
+            Some(stored) => {
+                stored.properties.insert(name.to_owned(), value.to_owned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The contact a merged contact id went into (following later merges).
+    pub fn merged_into(&self, id: &str) -> Option<String> {
+        let store = self.shared.lock();
+        let id = id.parse::<u64>().ok()?;
+        store.merged_into.contains_key(&id).then(|| store.resolve(CONTACTS, id)).flatten().map(|id| id.to_string())
+    }
+
+    /// With `true`, a merge gives the merged contact a new id, as HubSpot
+    /// may do for some merges; off by default (the primary keeps its id).
+    pub fn merge_gives_new_id(&self, new_id: bool) {
+        self.shared.lock().merge_new_id = new_id;
     }
 
     /// With `true`, properties that were never created are accepted (as
@@ -612,6 +642,9 @@ struct Store {
     write_calls: usize,
     daily_remaining: Option<u64>,
     lenient: bool,
+    /// Contact id -> the contact it was merged into.
+    merged_into: BTreeMap<u64, u64>,
+    merge_new_id: bool,
 }
 
 /// A HubSpot-defined property.
@@ -653,6 +686,9 @@ impl Store {
             ("hs_object_id", "Record ID", "number", "number", true),
             ("createdate", "Create Date", "datetime", "date", true),
             ("lastmodifieddate", "Last Modified Date", "datetime", "date", true),
+            ("company", "Company Name", "string", "text", false),
+            ("lifecyclestage", "Lifecycle Stage", "enumeration", "radio", false),
+            ("hs_merged_object_ids", "Merged Contact IDs", "enumeration", "checkbox", true),
         ];
         properties.insert(
             CONTACTS,
@@ -666,6 +702,25 @@ impl Store {
                 })
                 .collect(),
         );
+        if let Some(stage) =
+            properties.get_mut(CONTACTS).and_then(|c: &mut BTreeMap<String, Value>| c.get_mut("lifecyclestage"))
+        {
+            let stages = [
+                "subscriber",
+                "lead",
+                "marketingqualifiedlead",
+                "salesqualifiedlead",
+                "opportunity",
+                "customer",
+                "evangelist",
+                "other",
+            ];
+            stage["options"] = stages
+                .iter()
+                .enumerate()
+                .map(|(order, value)| json!({ "label": value, "value": value, "displayOrder": order, "hidden": false }))
+                .collect();
+        }
         let note_defaults = [
             ("hs_note_body", "Note body", "string", "html", false),
             ("hs_timestamp", "Activity date", "datetime", "date", false),
@@ -708,6 +763,8 @@ impl Store {
             write_calls: 0,
             daily_remaining: None,
             lenient: false,
+            merged_into: BTreeMap::new(),
+            merge_new_id: false,
         }
     }
 
@@ -833,6 +890,7 @@ impl Store {
                 with_type(path_type, |t| self.batch_write(t, &body, false))
             }
             ("POST", "/crm/v3/objects/notes/batch/archive") => with_type(path_type, |t| self.batch_archive(t, &body)),
+            ("POST", "/crm/v3/objects/contacts/merge") => self.merge_contacts(&body),
             ("POST", _) if object_route && template.ends_with("/search") => {
                 with_type(path_type, |t| self.search(t, &body))
             }
@@ -880,6 +938,119 @@ impl Store {
             }),
             _ => Reply::error(501, "NOT_IMPLEMENTED", format!("The mock does not implement {method} {template}")),
         }
+    }
+
+    /// The live object an id names, following merges.
+    fn resolve(&self, object_type: &str, mut id: u64) -> Option<u64> {
+        let objects = self.objects.get(object_type)?;
+        for _ in 0..64 {
+            if objects.contains_key(&id) {
+                return Some(id);
+            }
+            id = *self.merged_into.get(&id)?;
+        }
+        None
+    }
+
+    /// `POST /crm/v3/objects/contacts/merge`: the primary keeps its values
+    /// and gains the ones it lacks, the merged contact's associations move
+    /// to it, and the merged contact is gone (its id now reads as the
+    /// primary). Unknown ids are a 404, ids that are (or were merged into)
+    /// the same contact a 400.
+    fn merge_contacts(&mut self, body: &Value) -> Reply {
+        let primary_text = body["primaryObjectId"].as_str().unwrap_or_default();
+        let merged_text = body["objectIdToMerge"].as_str().unwrap_or_default();
+        let live = |store: &Store, text: &str| text.parse::<u64>().ok().and_then(|id| store.resolve(CONTACTS, id));
+        let (primary, merged) = match (live(self, primary_text), live(self, merged_text)) {
+            (Some(primary), Some(merged)) => (primary, merged),
+            (None, _) => return Reply::error(404, "OBJECT_NOT_FOUND", format!("Object not found: {primary_text}")),
+            (_, None) => return Reply::error(404, "OBJECT_NOT_FOUND", format!("Object not found: {merged_text}")),
+        };
+        if primary == merged {
+            return Reply::error(
+                400,
+                "VALIDATION_ERROR",
+                format!("Cannot merge {merged_text} into {primary_text}: they are the same object ({primary})"),
+            );
+        }
+        let Some(gone) = self.objects.get_mut(CONTACTS).and_then(|contacts| contacts.remove(&merged)) else {
+            return Reply::error(404, "OBJECT_NOT_FOUND", format!("Object not found: {merged_text}"));
+        };
+        let moved: Vec<_> = self
+            .associations
+            .iter()
+            .filter(|(from_type, from, to_type, to)| {
+                (*to_type == CONTACTS && *to == merged) || (*from_type == CONTACTS && *from == merged)
+            })
+            .copied()
+            .collect();
+        for (from_type, from, to_type, to) in moved {
+            self.associations.remove(&(from_type, from, to_type, to));
+            let swap = |id: u64, object_type: &str| if object_type == CONTACTS && id == merged { primary } else { id };
+            self.associations.insert((from_type, swap(from, from_type), to_type, swap(to, to_type)));
+        }
+        for target in self.merged_into.values_mut() {
+            if *target == merged {
+                *target = primary;
+            }
+        }
+        self.merged_into.insert(merged, primary);
+        let mut final_id = primary;
+        if self.merge_new_id {
+            final_id = self.next_id;
+            self.next_id += 1;
+        }
+        let Some(mut stored) = self.objects.get_mut(CONTACTS).and_then(|contacts| contacts.remove(&primary)) else {
+            return Reply::error(404, "OBJECT_NOT_FOUND", format!("Object not found: {primary_text}"));
+        };
+        let mut merged_ids: Vec<String> = stored
+            .properties
+            .get("hs_merged_object_ids")
+            .into_iter()
+            .chain(gone.properties.get("hs_merged_object_ids"))
+            .flat_map(|ids| ids.split(';').map(str::to_owned))
+            .filter(|id| !id.is_empty())
+            .collect();
+        merged_ids.push(merged.to_string());
+        if final_id != primary {
+            merged_ids.push(primary.to_string());
+        }
+        let system = ["hs_object_id", "createdate", "lastmodifieddate", "hs_merged_object_ids"];
+        for (name, value) in gone.properties {
+            if system.contains(&name.as_str()) || value.is_empty() {
+                continue;
+            }
+            let held = stored.properties.get(&name).is_some_and(|held| !held.is_empty());
+            if !held {
+                stored.properties.insert(name, value);
+            }
+        }
+        let at = now();
+        stored.properties.insert("hs_merged_object_ids".into(), merged_ids.join(";"));
+        stored.properties.insert("hs_object_id".into(), final_id.to_string());
+        stored.properties.insert("lastmodifieddate".into(), time_text(at));
+        stored.updated_at = at;
+        let answer = self.object_json(CONTACTS, final_id, &stored, &[]);
+        self.objects.entry(CONTACTS).or_default().insert(final_id, stored);
+        if final_id != primary {
+            let moved: Vec<_> = self
+                .associations
+                .iter()
+                .filter(|(_, _, to_type, to)| *to_type == CONTACTS && *to == primary)
+                .copied()
+                .collect();
+            for (from_type, from, to_type, to) in moved {
+                self.associations.remove(&(from_type, from, to_type, to));
+                self.associations.insert((from_type, from, to_type, final_id));
+            }
+            for target in self.merged_into.values_mut() {
+                if *target == primary {
+                    *target = final_id;
+                }
+            }
+            self.merged_into.insert(primary, final_id);
+        }
+        Reply::json(200, answer)
     }
 
     /// Batch archive: the objects move to the recycling bin (204 whether
@@ -1218,9 +1389,12 @@ impl Store {
                 _ => {}
             }
         }
-        let found = self
-            .find_by(object_type, &id_property, id)
-            .and_then(|found| self.objects.get(object_type)?.get(&found).map(|stored| (found, stored)));
+        let mut found_id = self.find_by(object_type, &id_property, id);
+        if found_id.is_none() && id_property == "hs_object_id" {
+            // HubSpot answers for a merged id with the contact it went into.
+            found_id = id.parse::<u64>().ok().and_then(|id| self.resolve(object_type, id));
+        }
+        let found = found_id.and_then(|found| self.objects.get(object_type)?.get(&found).map(|stored| (found, stored)));
         match found {
             Some((found, stored)) => Reply::json(200, self.object_json(object_type, found, stored, &wanted)),
             None => {

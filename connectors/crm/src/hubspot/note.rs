@@ -67,9 +67,41 @@ pub(crate) fn note_body(contribution: &Contribution) -> String {
 }
 
 /// The URL when it is an absolute http(s) URL, normalised by the parser.
-fn web_link(url: &str) -> Option<String> {
+pub(crate) fn web_link(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url.trim()).ok()?;
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
+}
+
+/// Text for a single-line `string` property: control characters and line
+/// breaks become spaces, runs of spaces fold, and the text stops (with `…`)
+/// after `max_chars` characters. Not HTML-escaped: HubSpot shows `string`
+/// properties as plain text (and escapes them itself), so an entity would
+/// be shown as `&amp;`, as it would be for the handles and names Tributary
+/// writes.
+pub(crate) fn text_property(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars * 4));
+    let mut count = 0;
+    for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
+        let space = usize::from(count > 0);
+        let length = word.chars().count();
+        if count + space + length > max_chars {
+            let room = max_chars.saturating_sub(count + space + 1);
+            if room > 0 {
+                if space == 1 {
+                    out.push(' ');
+                }
+                out.extend(word.chars().take(room));
+            }
+            out.push('…');
+            return out;
+        }
+        if space == 1 {
+            out.push(' ');
+        }
+        out.push_str(word);
+        count += space + length;
+    }
+    out
 }
 
 /// The note's properties for `batch/upsert`.
@@ -171,6 +203,18 @@ mod tests {
         assert!(body.chars().count() < 65_536, "{}", body.len());
         assert!(body.contains("…"));
         assert!(!body.contains("&quo…"), "an entity was cut");
+    }
+
+    #[test]
+    fn text_properties_are_one_capped_line() {
+        assert_eq!(text_property("  a\r\nb\t\u{7}c  ", 100), "a b c");
+        assert_eq!(text_property("<b>it's</b> & more", 100), "<b>it's</b> & more");
+        assert_eq!(text_property("abcdef", 4), "abc…");
+        assert_eq!(text_property("ab cdef", 4), "ab…");
+        assert_eq!(text_property("ab cdefg", 5), "ab c…");
+        assert_eq!(text_property("ab cd", 5), "ab cd");
+        assert_eq!(text_property("é".repeat(10).as_str(), 5).chars().count(), 5);
+        assert_eq!(text_property("", 5), "");
     }
 
     #[test]

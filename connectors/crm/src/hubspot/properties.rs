@@ -17,6 +17,9 @@ pub(crate) enum PropertyKind {
     DateTime,
     /// `enumeration` / `select` with fixed options.
     Select(&'static [&'static str]),
+    /// `bool` / `booleancheckbox`, valued `true` or `false` (HubSpot's
+    /// Yes/No property).
+    Bool,
 }
 
 /// The intents of `tributary_sdk::Intent`, as written to notes.
@@ -57,6 +60,7 @@ impl PropertySpec {
             PropertyKind::Number => ("number", "number"),
             PropertyKind::DateTime => ("datetime", "date"),
             PropertyKind::Select(_) => ("enumeration", "select"),
+            PropertyKind::Bool => ("bool", "booleancheckbox"),
         };
         let mut body = json!({
             "name": self.name,
@@ -83,6 +87,14 @@ impl PropertySpec {
                     })
                 })
                 .collect();
+        }
+        if self.kind == PropertyKind::Bool {
+            // The two values HubSpot stores for a Yes/No property; older
+            // accounts expect them spelled out.
+            body["options"] = json!([
+                { "label": "Yes", "value": "true", "hidden": false, "displayOrder": 0 },
+                { "label": "No", "value": "false", "hidden": false, "displayOrder": 1 },
+            ]);
         }
         body
     }
@@ -119,8 +131,23 @@ pub(crate) fn profile_property(prefix: &str, platform: &str) -> String {
     format!("{prefix}profile_{}", platform_slug(platform))
 }
 
+/// The contact property holding when a person was first seen on `platform`.
+pub(crate) fn first_seen_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}first_seen_{}", platform_slug(platform))
+}
+
+/// The contact property holding when a person was last seen on `platform`.
+pub(crate) fn last_seen_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}last_seen_{}", platform_slug(platform))
+}
+
+/// The contact property holding how many contributions a person made on `platform`.
+pub(crate) fn contributions_property(prefix: &str, platform: &str) -> String {
+    format!("{prefix}contributions_{}", platform_slug(platform))
+}
+
 /// The contact properties: identity, per platform the handle, account id
-/// and profile address, rollups.
+/// and profile address, rollups, then per platform the rollup figures.
 pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<PropertySpec> {
     use PropertyKind::*;
     let mut properties = vec![
@@ -137,7 +164,7 @@ pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<Prop
         platforms.iter().map(|platform| (platform_slug(platform), platform.as_str())).collect();
     slugs.sort();
     slugs.dedup_by(|a, b| a.0 == b.0);
-    for (slug, platform) in slugs {
+    for (slug, platform) in &slugs {
         properties.push(PropertySpec::new(
             prefix,
             &format!("handle_{slug}"),
@@ -200,7 +227,66 @@ pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<Prop
             "Contributions read as ideas or feature requests.",
         ),
         PropertySpec::new(prefix, "praise", "Community praise", Number, "Contributions read as praise."),
+        PropertySpec::new(prefix, "last_url", "Last contribution URL", Text, "Link to the person's last contribution."),
+        PropertySpec::new(
+            prefix,
+            "last_excerpt",
+            "Last contribution excerpt",
+            Text,
+            "The start of the person's last contribution.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "contributions_90d",
+            "Community contributions (90 days)",
+            Number,
+            "How many contributions the person made in the last 90 days.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "sentiment_90d",
+            "Community sentiment (90 days)",
+            Number,
+            "Mean sentiment of the person's contributions of the last 90 days, from -1 to 1; empty when none was scored.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "needs_attention",
+            "Needs attention",
+            Bool,
+            "An unresolved complaint or a sharp drop in sentiment: someone should look at this person.",
+        ),
+        PropertySpec::new(
+            prefix,
+            "attention_reason",
+            "Attention reason",
+            Text,
+            "Why the person needs attention, in words.",
+        ),
     ]);
+    for (slug, platform) in &slugs {
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("first_seen_{slug}"),
+            &format!("First seen on {platform}"),
+            DateTime,
+            &format!("When the person's first contribution on {platform} was posted."),
+        ));
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("last_seen_{slug}"),
+            &format!("Last seen on {platform}"),
+            DateTime,
+            &format!("When the person's last contribution on {platform} was posted."),
+        ));
+        properties.push(PropertySpec::new(
+            prefix,
+            &format!("contributions_{slug}"),
+            &format!("Contributions on {platform}"),
+            Number,
+            &format!("How many contributions Tributary delivered for the person from {platform}."),
+        ));
+    }
     properties
 }
 
@@ -278,6 +364,27 @@ mod tests {
         let at = contacts.iter().find(|p| p.name == "t_last_contribution_at").unwrap();
         let body = at.create_body("t");
         assert_eq!((body["type"].as_str(), body["fieldType"].as_str()), (Some("datetime"), Some("date")));
+        let attention = contacts.iter().find(|p| p.name == "t_needs_attention").unwrap();
+        let body = attention.create_body("t");
+        assert_eq!((body["type"].as_str(), body["fieldType"].as_str()), (Some("bool"), Some("booleancheckbox")));
+        assert_eq!(body["options"][0]["value"], "true");
+        assert_eq!(body["options"][1]["value"], "false");
+        // Per-platform figures come after the global ones, once per slug.
+        let tail: Vec<&str> = names[names.len() - 6..].to_vec();
+        assert_eq!(
+            tail,
+            [
+                "t_first_seen_forum",
+                "t_last_seen_forum",
+                "t_contributions_forum",
+                "t_first_seen_social",
+                "t_last_seen_social",
+                "t_contributions_social"
+            ]
+        );
+        assert_eq!(first_seen_property("t_", "Forum"), "t_first_seen_forum");
+        assert_eq!(last_seen_property("t_", "Stack Exchange"), "t_last_seen_stack_exchange");
+        assert_eq!(contributions_property("t_", "x"), "t_contributions_x");
         let intent = note_properties("t_").into_iter().find(|p| p.name == "t_intent").unwrap();
         let body = intent.create_body("t");
         assert_eq!(body["options"].as_array().unwrap().len(), 5);

@@ -571,3 +571,283 @@ async fn a_daily_429_closes_the_sink_until_the_quota_resets() {
     assert!(matches!(again, CrmError::RateLimited { .. }), "{again:?}");
     assert_eq!(h.hubspot.requests().len(), sent, "a request was sent while the daily quota is spent");
 }
+
+fn at(seconds: i64) -> chrono::DateTime<chrono::Utc> {
+    DateTime::from_timestamp(seconds, 0).unwrap_or_default()
+}
+
+fn full_rollup(contact_id: &str) -> Rollup {
+    Rollup {
+        contact_id: contact_id.into(),
+        last_contribution_at: at(1_700_000_000),
+        last_platform: "forum".into(),
+        contribution_count: 12,
+        platforms: vec!["forum".into(), "support".into()],
+        sentiment_avg: 0.125,
+        questions: 3,
+        complaints: 2,
+        ideas: 1,
+        praise: 4,
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("Export <b>fails</b> & it's\r\nslow".into()),
+        count_90d: 5,
+        sentiment_avg_90d: Some(-0.25),
+        needs_attention: true,
+        attention_reason: Some("an unresolved complaint".into()),
+        per_platform: vec![
+            tributary_sdk::PlatformRollup {
+                platform: "forum".into(),
+                handle: Some("mayac".into()),
+                profile_url: None,
+                first_seen: at(1_600_000_000),
+                last_seen: at(1_700_000_000),
+                contributions: 9,
+            },
+            tributary_sdk::PlatformRollup {
+                platform: "support".into(),
+                handle: None,
+                profile_url: None,
+                first_seen: at(1_650_000_000),
+                last_seen: at(1_690_000_000),
+                contributions: 3,
+            },
+        ],
+    }
+}
+
+#[tokio::test]
+async fn rollup_figures_land_in_one_batch_update() {
+    let h = harness().await;
+    let maya = one_contact(&h).await;
+    let rusty =
+        done(h.crm.upsert_contacts(&[contact("social", "42", None, "rusty", "Rusty")]).await.unwrap())[0].clone();
+    let quiet = Rollup {
+        sentiment_avg_90d: None,
+        needs_attention: false,
+        attention_reason: None,
+        last_url: Some("javascript:alert(1)".into()),
+        last_excerpt: None,
+        per_platform: Vec::new(),
+        ..full_rollup(&rusty)
+    };
+    let outcomes = h.crm.update_rollups(&[full_rollup(&maya), quiet]).await.unwrap();
+    assert_eq!(outcomes, [RecordOutcome::Done(()), RecordOutcome::Done(())]);
+    let updates = h.requests_to("/contacts/batch/update");
+    assert_eq!(updates.len(), 1, "one batch call for both rollups");
+    assert_eq!(updates[0].body.as_ref().unwrap()["inputs"].as_array().unwrap().len(), 2);
+
+    let contact = |id: &str| h.hubspot.contacts().into_iter().find(|c| c.id == id).unwrap();
+    let (maya, rusty) = (contact(&maya), contact(&rusty));
+    for (property, expected) in [
+        ("tributary_contribution_count", "12"),
+        ("tributary_last_url", "https://community.example.com/t/42"),
+        // Plain text on one line, not HTML: HubSpot shows text properties as text.
+        ("tributary_last_excerpt", "Export <b>fails</b> & it's slow"),
+        ("tributary_contributions_90d", "5"),
+        ("tributary_sentiment_90d", "-0.25"),
+        ("tributary_needs_attention", "true"),
+        ("tributary_attention_reason", "an unresolved complaint"),
+        ("tributary_first_seen_forum", "2020-09-13T12:26:40.000Z"),
+        ("tributary_last_seen_forum", "2023-11-14T22:13:20.000Z"),
+        ("tributary_contributions_forum", "9"),
+        ("tributary_first_seen_support", "2022-04-15T05:20:00.000Z"),
+        ("tributary_last_seen_support", "2023-07-22T04:26:40.000Z"),
+        ("tributary_contributions_support", "3"),
+    ] {
+        assert_eq!(maya.get(property), Some(expected), "{property}");
+    }
+    for (property, expected) in [
+        ("tributary_sentiment_90d", Some("")),
+        ("tributary_needs_attention", Some("false")),
+        ("tributary_attention_reason", Some("")),
+        ("tributary_last_excerpt", Some("")),
+        ("tributary_last_url", Some("")),
+        ("tributary_contributions_forum", None),
+    ] {
+        assert_eq!(rusty.get(property), expected, "{property}");
+    }
+
+    // A platform `setup` never saw: HubSpot refuses the property, and the
+    // daemon is told to run setup again.
+    let mut unknown = full_rollup(&maya.id);
+    unknown.per_platform[0].platform = "mastodon".into();
+    let error = h.crm.update_rollups(&[unknown]).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Transient(message) if message.contains("crm setup")), "{error:?}");
+    h.assert_clean();
+}
+
+#[tokio::test]
+async fn setup_creates_the_rollup_properties_once_and_new_platforms_later() {
+    let hubspot = MockHubSpot::start().await;
+    let (crm, _dir) = sink(&hubspot, hubspot.token());
+    let first = crm.setup(&["forum".to_owned()]).await.unwrap();
+    // (property, type, fieldType)
+    let expected = [
+        ("tributary_last_url", "string", "text"),
+        ("tributary_last_excerpt", "string", "text"),
+        ("tributary_contributions_90d", "number", "number"),
+        ("tributary_sentiment_90d", "number", "number"),
+        ("tributary_needs_attention", "bool", "booleancheckbox"),
+        ("tributary_attention_reason", "string", "text"),
+        ("tributary_first_seen_forum", "datetime", "date"),
+        ("tributary_last_seen_forum", "datetime", "date"),
+        ("tributary_contributions_forum", "number", "number"),
+    ];
+    for (name, data_type, field_type) in expected {
+        assert!(first.created.contains(&format!("contacts/{name}")), "{name} not in {first:?}");
+        let property = hubspot.property("contacts", name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!((property["type"].as_str(), property["fieldType"].as_str()), (Some(data_type), Some(field_type)));
+        assert_eq!(property["groupName"], "tributary", "{name}");
+    }
+    let options = hubspot.property("contacts", "tributary_needs_attention").unwrap()["options"].clone();
+    let values: Vec<&str> = options.as_array().unwrap().iter().filter_map(|o| o["value"].as_str()).collect();
+    assert_eq!(values, ["true", "false"]);
+
+    let writes = hubspot.write_calls();
+    let second = crm.setup(&["forum".to_owned()]).await.unwrap();
+    assert!(second.created.is_empty(), "{second:?}");
+    assert_eq!(hubspot.write_calls(), writes, "the second run wrote");
+
+    // A platform added later gets its own properties, and only those.
+    let third = crm.setup(&["forum".to_owned(), "Stack Exchange".to_owned()]).await.unwrap();
+    let mut created = third.created.clone();
+    created.sort();
+    assert_eq!(
+        created,
+        [
+            "contacts/tributary_contributions_stack_exchange",
+            "contacts/tributary_first_seen_stack_exchange",
+            "contacts/tributary_handle_stack_exchange",
+            "contacts/tributary_last_seen_stack_exchange",
+            "contacts/tributary_profile_stack_exchange",
+            "contacts/tributary_user_id_stack_exchange",
+        ]
+    );
+    assert!(hubspot.spec_violations().is_empty(), "{:#?}", hubspot.spec_violations());
+}
+
+#[tokio::test]
+async fn merging_moves_the_notes_to_the_survivor_and_merging_again_is_done() {
+    let h = harness().await;
+    let maya = one_contact(&h).await;
+    let rusty =
+        done(h.crm.upsert_contacts(&[contact("social", "42", None, "rusty", "Rusty")]).await.unwrap())[0].clone();
+    let activities = [
+        activity(&maya, contribution("1", "Export to PDF?", "How do I export?")),
+        activity(&rusty, contribution("2", "Slow sync", "Sync takes an hour.")),
+        activity(&rusty, contribution("3", "Dark mode", "Please add dark mode.")),
+    ];
+    let notes = done(h.crm.upsert_activities(&activities).await.unwrap());
+
+    h.crm.merge_contacts(&maya, &rusty).await.unwrap();
+    let merges = h.requests_to("/contacts/merge");
+    assert_eq!(merges.len(), 1);
+    assert_eq!(merges[0].body, Some(json!({ "primaryObjectId": maya, "objectIdToMerge": rusty })));
+    let contacts = h.hubspot.contacts();
+    assert_eq!(contacts.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [maya.as_str()], "the merged one is gone");
+    assert_eq!(contacts[0].get("tributary_handle_social"), Some("rusty"), "the survivor gained the handle");
+    assert_eq!(contacts[0].get("email"), Some("maya@example.com"));
+    assert_eq!(h.hubspot.notes().len(), 3, "no note was copied");
+    let mut expected: Vec<(String, String)> = notes.iter().map(|note| (note.clone(), maya.clone())).collect();
+    expected.sort();
+    assert_eq!(h.hubspot.associations(), expected, "every note is on the survivor, once");
+    assert_eq!(h.hubspot.merged_into(&rusty), Some(maya.clone()));
+
+    // A replay after a crash: HubSpot refuses, the merge is found done.
+    h.crm.merge_contacts(&maya, &rusty).await.unwrap();
+    assert_eq!(h.requests_to("/contacts/merge").iter().map(|r| r.status).collect::<Vec<_>>(), [200, 400]);
+    assert_eq!(h.hubspot.contacts().len(), 1);
+    assert_eq!(h.hubspot.associations(), expected);
+    // Merging a contact into itself changes nothing and sends nothing.
+    h.crm.merge_contacts(&maya, &maya).await.unwrap();
+    assert_eq!(h.requests_to("/contacts/merge").len(), 2);
+
+    // An unknown survivor is HubSpot's refusal, not a success.
+    let other =
+        done(h.crm.upsert_contacts(&[contact("social", "43", None, "other", "Other")]).await.unwrap())[0].clone();
+    let error = h.crm.merge_contacts("99999999", &other).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Http(HttpError::Status { status: 404, .. })), "{error:?}");
+    assert_eq!(h.hubspot.contacts().len(), 2);
+    // The wrong way round: the survivor named was itself merged away.
+    let error = h.crm.merge_contacts(&rusty, &maya).await.unwrap_err();
+    assert!(
+        matches!(&error, CrmError::Unsupported(message) if message.contains(&format!("itself merged into {maya}"))),
+        "{error:?}"
+    );
+    // HubSpot merges into the contact a merged survivor id went into: the
+    // result's id is not the survivor's, which is reported.
+    let error = h.crm.merge_contacts(&rusty, &other).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Unsupported(message) if message.contains(&maya)), "{error:?}");
+    assert_eq!(h.hubspot.contacts().len(), 1);
+    h.assert_clean();
+}
+
+#[tokio::test]
+async fn a_merge_that_gives_a_new_id_is_reported() {
+    let h = harness().await;
+    let maya = one_contact(&h).await;
+    let rusty =
+        done(h.crm.upsert_contacts(&[contact("social", "42", None, "rusty", "Rusty")]).await.unwrap())[0].clone();
+    h.hubspot.merge_gives_new_id(true);
+    let error = h.crm.merge_contacts(&maya, &rusty).await.unwrap_err();
+    let new_id = h.hubspot.contacts()[0].id.clone();
+    assert_ne!(new_id, maya);
+    assert!(matches!(&error, CrmError::Unsupported(message) if message.contains(&new_id)), "{error:?}");
+    h.assert_clean();
+}
+
+#[tokio::test]
+async fn contact_properties_returns_the_values_that_are_set() {
+    let h = harness().await;
+    let maya = one_contact(&h).await;
+    assert!(h.hubspot.set_contact_property(&maya, "lifecyclestage", "customer"));
+    assert!(h.hubspot.set_contact_property(&maya, "company", "Acme & Co"));
+    let names: Vec<String> =
+        ["lifecyclestage", "company", "jobtitle", "tributary_handle_forum", "company"].map(String::from).to_vec();
+    let found = h.crm.contact_properties(&maya, &names).await.unwrap();
+    let expected: std::collections::BTreeMap<String, String> =
+        [("company", "Acme & Co"), ("lifecyclestage", "customer"), ("tributary_handle_forum", "mayac")]
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
+            .into();
+    assert_eq!(found, expected);
+    let reads = h.requests_to(&format!("/contacts/{maya}"));
+    assert_eq!(reads.len(), 1);
+    assert_eq!(reads[0].query.as_deref(), Some("properties=company,jobtitle,lifecyclestage,tributary_handle_forum"));
+
+    // No names, no request.
+    assert!(h.crm.contact_properties(&maya, &[]).await.unwrap().is_empty());
+    assert_eq!(h.requests_to(&format!("/contacts/{maya}")).len(), 1);
+    // An unknown contact is an error, not an empty answer.
+    let error = h.crm.contact_properties("99999999", &names).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Http(HttpError::Status { status: 404, .. })), "{error:?}");
+    // A merged id reads as the contact it went into.
+    let rusty =
+        done(h.crm.upsert_contacts(&[contact("social", "42", None, "rusty", "Rusty")]).await.unwrap())[0].clone();
+    h.crm.merge_contacts(&maya, &rusty).await.unwrap();
+    let found = h.crm.contact_properties(&rusty, &names).await.unwrap();
+    assert_eq!(found.get("company").map(String::as_str), Some("Acme & Co"));
+    h.assert_clean();
+}
+
+#[tokio::test]
+async fn deleting_notes_archives_them() {
+    let h = harness().await;
+    let contact_id = one_contact(&h).await;
+    let activities = [
+        activity(&contact_id, contribution("1", "Export to PDF?", "How do I export?")),
+        activity(&contact_id, contribution("2", "Slow sync", "Sync takes an hour.")),
+    ];
+    let ids = done(h.crm.upsert_activities(&activities).await.unwrap());
+    let deleted = done(h.crm.delete_activities(&ids).await.unwrap());
+    assert_eq!(deleted.len(), 2);
+    assert!(h.hubspot.notes().is_empty());
+    assert_eq!(h.hubspot.archived_notes().len(), 2);
+    assert!(h.hubspot.associations().is_empty());
+    // Deleting them again (or ids HubSpot never had) is done.
+    let again = done(h.crm.delete_activities(&[ids[0].clone(), "424242".into()]).await.unwrap());
+    assert_eq!(again.len(), 2);
+    let calls = h.requests_to("/notes/batch/archive");
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].body.as_ref().unwrap()["inputs"], json!([{ "id": ids[0] }, { "id": ids[1] }]));
+    h.assert_clean();
+}
