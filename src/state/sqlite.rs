@@ -1031,7 +1031,9 @@ impl StateStore for SqliteStore {
                 .collect::<Result<_, _>>()?;
             let mut queued = 0;
             for (other, same_name, same_handle) in candidates {
-                if me.contact_id.is_some() && other.contact_id == me.contact_id {
+                // Both sides resolved, to different contacts: an unresolved
+                // side may still land on the same one, and is checked when it does.
+                if me.contact_id.is_none() || other.contact_id.is_none() || other.contact_id == me.contact_id {
                     continue;
                 }
                 let mut evidence = Vec::new();
