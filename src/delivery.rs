@@ -532,4 +532,68 @@ mod tests {
         let (never, _) = deletion_under(OnDelete::Archive, false).await;
         assert_eq!(never, None);
     }
+
+    /// The rollup the file CRM holds for the only contact.
+    async fn rollup_after(store: &Arc<SqliteStore>, worker: &Worker, crm_path: &std::path::Path, items: Vec<Contribution>) -> Rollup {
+        let items = items.into_iter().map(|c| crate::pipeline::normalize("s", c)).collect();
+        store.commit_page("s", items, vec![], None).await.unwrap();
+        worker.drain(&CancellationToken::new()).await.unwrap();
+        let data = tributary_crm::file::FileCrmData::read(crm_path).unwrap();
+        assert_eq!(data.contacts.len(), 1);
+        data.contacts.into_values().next().unwrap().rollup.expect("a rollup")
+    }
+
+    #[tokio::test]
+    async fn an_edit_and_a_deletion_move_the_rollup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        let crm_path = dir.path().join("crm.json");
+        let worker = worker(&store, crm_path.clone());
+        let recent = Utc::now() - chrono::Duration::days(2);
+        let praise = Contribution {
+            external_id: "1".into(),
+            title: None,
+            body: "Love the new editor, thank you so much, great job!".into(),
+            created_at: recent,
+            signals: None,
+            language: None,
+            ..Contribution::sample()
+        };
+        let question = Contribution {
+            external_id: "2".into(),
+            title: None,
+            body: "How do I export dashboards to PDF?".into(),
+            created_at: recent - chrono::Duration::days(1),
+            signals: None,
+            language: None,
+            ..Contribution::sample()
+        };
+        let rollup = rollup_after(&store, &worker, &crm_path, vec![praise.clone(), question.clone()]).await;
+        assert_eq!((rollup.contribution_count, rollup.praise, rollup.complaints, rollup.questions), (2, 1, 0, 1));
+        assert_eq!(rollup.count_90d, 2);
+        assert!(!rollup.needs_attention, "{rollup:?}");
+        assert!(rollup.last_excerpt.as_deref().is_some_and(|e| e.starts_with("Love the new editor")));
+
+        // The praise is edited into a complaint.
+        let edited = Contribution {
+            body: "Edit: the update broke everything, the editor crashes constantly. Terrible.".into(),
+            edited: true,
+            ..praise.clone()
+        };
+        let rollup = rollup_after(&store, &worker, &crm_path, vec![edited.clone()]).await;
+        assert_eq!((rollup.contribution_count, rollup.praise, rollup.complaints, rollup.questions), (2, 0, 1, 1));
+        assert!(rollup.needs_attention, "an unresolved complaint needs attention: {rollup:?}");
+        assert!(rollup.attention_reason.as_deref().is_some_and(|r| r.contains("unresolved complaint")));
+        assert!(rollup.sentiment_avg_90d.is_some_and(|s| s < 0.0), "{rollup:?}");
+        assert!(rollup.last_excerpt.as_deref().is_some_and(|e| e.starts_with("Edit: the update broke")));
+
+        // The complaint is deleted on the platform: it leaves the figures.
+        let deleted = Contribution { deleted: true, body: String::new(), ..edited };
+        let rollup = rollup_after(&store, &worker, &crm_path, vec![deleted]).await;
+        assert_eq!((rollup.contribution_count, rollup.praise, rollup.complaints, rollup.questions), (1, 0, 0, 1));
+        assert!(!rollup.needs_attention, "{rollup:?}");
+        assert_eq!(rollup.per_platform.len(), 1);
+        assert_eq!(rollup.per_platform[0].contributions, 1);
+        assert_eq!(rollup.per_platform[0].handle.as_deref(), Some("mayac"));
+    }
 }

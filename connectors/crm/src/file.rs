@@ -125,7 +125,8 @@ impl FileCrmData {
             let into = self.resolve(survivor).map(|contact| contact.id.clone());
             return Err(CrmError::Unsupported(match into {
                 Some(into) => format!(
-                    "cannot merge contact {merged} into {survivor}: {survivor} was itself merged into {into};                      merge into {into} instead"
+                    "cannot merge contact {merged} into {survivor}: {survivor} was itself merged into {into}; \
+                     merge into {into} instead"
                 ),
                 None => {
                     format!("cannot merge contact {merged} into {survivor}: the file CRM has no contact {survivor}")
@@ -563,7 +564,7 @@ mod tests {
         assert_eq!(survivor.user_ids["social"], "42");
         assert_eq!(survivor.profiles["social"], "https://social.example/rusty");
         assert_eq!(survivor.identity.as_deref(), Some("social:42"), "the survivor had none: it takes the other's");
-        assert_eq!(survivor.merged_from, [rusty.clone()]);
+        assert_eq!(survivor.merged_from, std::slice::from_ref(&rusty));
         assert_eq!(data.activities.len(), 3, "moved, not copied");
         for (key, id) in [("k1", &kept[0]), ("k2", &moved[0]), ("k3", &moved[1])] {
             assert_eq!(&data.activities[key].id, id, "{key} kept its id");

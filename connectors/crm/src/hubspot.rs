@@ -859,8 +859,8 @@ impl Crm for HubSpotCrm {
                     tracing::info!(survivor, merged, "hubspot contacts were already merged");
                     return Ok(());
                 }
-                let error = ErrorBody::parse(&response);
-                tracing::debug!(survivor, merged, message = %self.scrub(&error.describe(&response)), "hubspot refused a merge");
+                let message = self.scrub(&ErrorBody::parse(&response).describe(&response));
+                tracing::debug!(survivor, merged, %message, "hubspot refused a merge");
                 Err(self.unexpected(&response))
             }
             _ => Err(self.unexpected(&response)),

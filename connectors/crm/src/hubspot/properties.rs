@@ -247,7 +247,7 @@ pub(crate) fn contact_properties(prefix: &str, platforms: &[String]) -> Vec<Prop
             "sentiment_90d",
             "Community sentiment (90 days)",
             Number,
-            "Mean sentiment of the person's contributions of the last 90 days, from -1 to 1; empty when none was scored.",
+            "Mean sentiment of the last 90 days' contributions, from -1 to 1; empty when none was scored.",
         ),
         PropertySpec::new(
             prefix,
