@@ -257,7 +257,7 @@ fn a_forgotten_person_leaves_no_trace_and_is_not_brought_back() {
     let maya_activities = activities_by_contact(&record)[&maya].clone();
     assert!(maya_activities.len() >= 5);
     // What would betray her: her e-mail, handle, name, identities and the addresses of her posts.
-    let mut needles: Vec<String> = vec![
+    let needles: Vec<String> = vec![
         "maya.chen@example.com".into(),
         "mayac".into(),
         "Maya Chen".into(),

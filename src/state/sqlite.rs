@@ -1837,4 +1837,58 @@ mod tests {
             "expired lease taken over"
         );
     }
+
+    /// (days ago, platform, intent, sentiment) → (count_90d, 90-day mean, attention reason).
+    fn check_rollup(rows: &[(i64, &str, &str, Option<f64>)], expected: (u64, Option<f64>, Option<&str>)) {
+        let now = Utc::now();
+        let mut rows: Vec<ActivityRow> = rows
+            .iter()
+            .map(|(days, platform, intent, sentiment)| ActivityRow {
+                platform: (*platform).into(),
+                created_at: now - chrono::Duration::days(*days),
+                sentiment: *sentiment,
+                intent: Some((*intent).into()),
+                url: Some(format!("https://{platform}.example/{days}")),
+                excerpt: Some(format!("{intent} {days}")),
+                handle: Some(format!("{platform}-handle")),
+                profile_url: None,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.created_at);
+        let rollup = compute_rollup("c".into(), &rows, now);
+        let reason = rollup.attention_reason.clone();
+        assert_eq!(
+            (rollup.count_90d, rollup.sentiment_avg_90d, reason.as_deref().map(|r| r.split(' ').next().unwrap_or(""))),
+            expected,
+            "{rollup:#?}"
+        );
+        assert_eq!(rollup.needs_attention, reason.is_some());
+        assert_eq!(rollup.contribution_count, rows.len() as u64);
+        assert_eq!(rollup.per_platform.iter().map(|p| p.contributions).sum::<u64>(), rows.len() as u64);
+    }
+
+    #[test]
+    fn rollups_count_the_last_90_days_and_flag_what_needs_attention() {
+        // Old activity counts overall, not in the 90 days.
+        check_rollup(&[(200, "forum", "praise", Some(0.8)), (10, "forum", "question", Some(0.2))], (1, Some(0.2), None));
+        // A recent complaint with no praise after it is unresolved...
+        check_rollup(&[(20, "forum", "praise", Some(0.6)), (3, "support", "complaint", Some(-0.6))], (2, Some(0.0), Some("unresolved")));
+        // ...resolved by later praise, and too old after 30 days.
+        check_rollup(&[(3, "support", "complaint", Some(-0.6)), (1, "support", "praise", Some(0.7))], (2, Some(0.05), None));
+        check_rollup(&[(45, "support", "complaint", Some(-0.6))], (1, Some(-0.6), None));
+        // A sharp drop: the last week well below the weeks before it.
+        check_rollup(
+            &[
+                (60, "forum", "praise", Some(0.7)),
+                (40, "forum", "other", Some(0.5)),
+                (20, "social", "praise", Some(0.6)),
+                (3, "social", "other", Some(-0.3)),
+                (1, "forum", "question", Some(-0.2)),
+            ],
+            (5, Some(0.26), Some("sentiment")),
+        );
+        // Skipped sentiment (another language) is left out of the mean.
+        check_rollup(&[(5, "forum", "question", None), (4, "forum", "idea", Some(0.4))], (2, Some(0.4), None));
+        check_rollup(&[(5, "forum", "question", None)], (1, None, None));
+    }
 }
