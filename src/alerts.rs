@@ -53,6 +53,9 @@
 //!  "contact": {"id": "12345", "url": "https://app.hubspot.com/contacts/1/record/0-1/12345"}}
 //! ```
 //!
+//! Requests to `webhook` are not signed yet: a rule with `secret` is
+//! refused when built.
+//!
 //! In Slack and Mattermost `@` followed by a name in user text gets a zero
 //! width space after it, so a post cannot notify `@channel`, `@here`, `@all`
 //! or anyone else.
@@ -109,6 +112,8 @@ const NAME_CHARS: usize = 100;
 /// Where a destination's answer is quoted in an error, its first characters.
 const ANSWER_CHARS: usize = 300;
 const ZERO_WIDTH_SPACE: char = '\u{200B}';
+/// The longest URL linked in a Slack message: two fit in one block's text.
+const SLACK_URL_CHARS: usize = 1200;
 
 /// Where a rule's alerts go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -178,7 +183,8 @@ pub struct AlertRuleConfig {
     /// sixth of it; alerts over it wait their turn.
     #[serde(default = "default_max_per_hour")]
     pub max_per_hour: u32,
-    /// A disabled rule is not built: nothing is matched or sent for it.
+    /// A disabled rule is not built: nothing is matched or sent for it, and
+    /// alerts it queued before are given up when their turn comes.
     #[serde(default = "default_enabled")]
     pub enabled: bool,
     /// `webhook` only: the key that would sign requests (HMAC-SHA256).
@@ -339,8 +345,8 @@ impl Rule {
 
         let url = config.url.resolve().map_err(|error| invalid("url", error.to_string()))?;
         // Neither the URL nor the parser's words about it (which may quote it) are shown.
-        let url = Url::parse(url.expose_secret().trim())
-            .map_err(|_| invalid("url", "is not a valid absolute URL".into()))?;
+        let url =
+            Url::parse(url.expose_secret().trim()).map_err(|_| invalid("url", "is not a valid absolute URL".into()))?;
         let host = match (url.host_str(), url.port()) {
             (Some(host), Some(port)) => format!("{host}:{port}"),
             (Some(host), None) => host.to_owned(),
@@ -349,7 +355,9 @@ impl Rule {
         match url.scheme() {
             "https" => {}
             "http" if is_loopback(&url) => {}
-            "http" => return Err(invalid("url", format!("must be https (http only to this host), not http to {host}"))),
+            "http" => {
+                return Err(invalid("url", format!("must be https (http only to this host), not http to {host}")));
+            }
             scheme => return Err(invalid("url", format!("must be an https URL, not `{scheme}:`"))),
         }
         let http = HttpClient::new(HttpOptions {
@@ -478,6 +486,17 @@ impl fmt::Debug for Alerts {
             .field("crm", &self.crm.kind())
             .finish_non_exhaustive()
     }
+}
+
+/// Builds the enabled rules and the contact link offline, for `check`.
+pub fn validate(rules: &BTreeMap<String, AlertRuleConfig>, contact_url: Option<&str>) -> Result<(), AlertError> {
+    if let Some(template) = contact_url.map(str::trim).filter(|t| !t.is_empty()) {
+        check_contact_url(template.to_owned())?;
+    }
+    for (name, config) in rules.iter().filter(|(_, config)| config.enabled) {
+        Rule::build(name, config)?;
+    }
+    Ok(())
 }
 
 impl Alerts {
@@ -617,7 +636,11 @@ impl Alerts {
                 excerpt: excerpt(&contribution.body),
                 author: FactsAuthor {
                     handle: contribution.author.handle.as_deref().map(|handle| cap(&one_line(handle), NAME_CHARS)),
-                    display_name: contribution.author.display_name.as_deref().map(|name| cap(&one_line(name), NAME_CHARS)),
+                    display_name: contribution
+                        .author
+                        .display_name
+                        .as_deref()
+                        .map(|name| cap(&one_line(name), NAME_CHARS)),
                     profile_url: contribution.author.profile_url.as_deref().and_then(web_url),
                 },
                 created_at: contribution.created_at,
@@ -682,14 +705,16 @@ impl Alerts {
             Ok(bytes) => bytes,
             Err(error) => return AlertOutcome::Failed { error: format!("cannot encode the alert: {error}") },
         };
-        let request =
-            rule.http.post(rule.url.0.clone()).header("content-type", "application/json").body(bytes);
-        let failure = |what: String| format!("alert rule `{}`: {} at {}: {what}", rule.name, rule.destination, rule.host);
+        let request = rule.http.post(rule.url.0.clone()).header("content-type", "application/json").body(bytes);
+        let failure =
+            |what: String| format!("alert rule `{}`: {} at {}: {what}", rule.name, rule.destination, rule.host);
         match rule.http.send_once(request).await {
             Ok(response) if response.status.is_success() => AlertOutcome::Sent,
             Ok(response) => {
                 let answer = cap(&rule.scrub(&response.body_snippet()), ANSWER_CHARS);
-                AlertOutcome::Failed { error: failure(format!("refused the alert: HTTP {}: {answer}", response.status.as_u16())) }
+                AlertOutcome::Failed {
+                    error: failure(format!("refused the alert: HTTP {}: {answer}", response.status.as_u16())),
+                }
             }
             Err(error) => {
                 let transient = error.is_transient();
@@ -718,7 +743,7 @@ impl Alerts {
 
     /// Runs until shutdown: send_due on wake or every `interval`, under the state-store lease "alerts" so only one
     /// replica sends. Logs, never returns an error.
-    pub async fn run(self, shutdown: CancellationToken, wake: Arc<Notify>, interval: Duration) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, wake: Arc<Notify>, interval: Duration) {
         let span = tracing::info_span!("alerts");
         async move {
             let owner = format!("alerts-{}-{:08x}", std::process::id(), rand::rng().random::<u32>());
@@ -948,14 +973,8 @@ fn slack(facts: &AlertFacts) -> Value {
     if !links.is_empty() {
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": links.join(" · ")}]}));
     }
-    let fallback = format!(
-        "Alert {}: {} on {} by {}: {}",
-        facts.rule,
-        facts.intent(),
-        c.platform,
-        facts.author(),
-        facts.title()
-    );
+    let fallback =
+        format!("Alert {}: {} on {} by {}: {}", facts.rule, facts.intent(), c.platform, facts.author(), facts.title());
     json!({"text": slack_escape(&fallback), "blocks": blocks})
 }
 
@@ -1052,9 +1071,13 @@ fn slack_escape(text: &str) -> String {
     neutralise_mentions(text).replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// `<url|label>`; `label` must already be escaped.
+/// `<url|label>`; `label` must already be escaped. A URL too long for a
+/// block's text limit (3000 characters) leaves the label unlinked.
 fn slack_link(url: &str, label: &str) -> String {
     let url = encode_url_delimiters(url).replace('&', "&amp;");
+    if url.is_empty() || url.len() > SLACK_URL_CHARS {
+        return label.to_owned();
+    }
     format!("<{url}|{label}>")
 }
 
@@ -1144,4 +1167,739 @@ fn cap(text: &str, max: usize) -> String {
 /// The start of a body on one line, at most [`EXCERPT_CHARS`] whole characters.
 fn excerpt(body: &str) -> String {
     cap(&one_line(body), EXCERPT_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use async_trait::async_trait;
+    use tributary_sdk::{
+        ActivityUpsert, Author, ContactLookup, ContactUpsert, RecordOutcome, Rollup, SetupReport, Signals,
+    };
+    use wiremock::{
+        Mock, MockServer, ResponseTemplate,
+        matchers::{method, path},
+    };
+
+    use super::*;
+    use crate::state::SqliteStore;
+
+    /// The secret part of every test webhook URL.
+    const TOKEN: &str = "XyZsecretT0ken";
+    const HOOK_PATH: &str = "/hooks/T000/B000/XyZsecretT0ken";
+    const CONTACT_URL: &str = "https://crm.example.com/contacts/{contact_id}";
+
+    /// A CRM that knows the properties of a few contacts and counts reads.
+    #[derive(Default)]
+    struct TestCrm {
+        properties: BTreeMap<String, BTreeMap<String, String>>,
+        reads: Mutex<Vec<(String, Vec<String>)>>,
+        down: bool,
+    }
+
+    impl TestCrm {
+        fn with_contacts() -> TestCrm {
+            let contact = |stage: &str, company: &str| {
+                BTreeMap::from([
+                    ("lifecyclestage".to_owned(), stage.to_owned()),
+                    ("company".to_owned(), company.to_owned()),
+                ])
+            };
+            TestCrm {
+                properties: BTreeMap::from([
+                    ("c1".to_owned(), contact("Customer", "Acme")),
+                    ("c2".to_owned(), contact("lead", "Globex")),
+                ]),
+                ..TestCrm::default()
+            }
+        }
+
+        fn reads(&self) -> Vec<(String, Vec<String>)> {
+            self.reads.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Crm for TestCrm {
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+        async fn check(&self) -> Result<(), CrmError> {
+            Ok(())
+        }
+        async fn setup(&self, _: &[String]) -> Result<SetupReport, CrmError> {
+            Ok(SetupReport::default())
+        }
+        async fn find_contact(&self, _: &ContactLookup) -> Result<Option<String>, CrmError> {
+            Ok(None)
+        }
+        async fn upsert_contacts(&self, _: &[ContactUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError> {
+            Ok(vec![])
+        }
+        async fn upsert_activities(&self, _: &[ActivityUpsert]) -> Result<Vec<RecordOutcome<String>>, CrmError> {
+            Ok(vec![])
+        }
+        async fn archive_activities(&self, _: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+            Ok(vec![])
+        }
+        async fn update_rollups(&self, _: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+            Ok(vec![])
+        }
+        async fn contact_properties(
+            &self,
+            contact_id: &str,
+            names: &[String],
+        ) -> Result<BTreeMap<String, String>, CrmError> {
+            self.reads.lock().unwrap().push((contact_id.to_owned(), names.to_vec()));
+            if self.down {
+                return Err(CrmError::Transient("the CRM is down".into()));
+            }
+            let known = self.properties.get(contact_id).cloned().unwrap_or_default();
+            Ok(known.into_iter().filter(|(name, _)| names.contains(name)).collect())
+        }
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Tables {
+        alerts: BTreeMap<String, AlertRuleConfig>,
+    }
+
+    /// Rules from TOML, where `$URL` stands for a secret file holding `url`.
+    fn rules(dir: &Path, url: &str, toml_text: &str) -> BTreeMap<String, AlertRuleConfig> {
+        let file = dir.join("hook-url");
+        std::fs::write(&file, format!("{url}\n")).unwrap();
+        let toml_text = toml_text.replace("$URL", &format!("{{ file = {:?} }}", file.display().to_string()));
+        toml::from_str::<Tables>(&toml_text).unwrap().alerts
+    }
+
+    /// Alerts over the store in `dir`, retrying at once.
+    fn open(dir: &Path, rules: &BTreeMap<String, AlertRuleConfig>, crm: Arc<dyn Crm>) -> Alerts {
+        let store = Arc::new(SqliteStore::open(&dir.join("state.db")).unwrap());
+        let mut alerts = Alerts::new(rules, Some(CONTACT_URL.into()), store, crm).unwrap();
+        alerts.backoff_base = Duration::ZERO;
+        alerts
+    }
+
+    /// (rule, status, attempts, last error) of every alert in the store.
+    fn stored(dir: &Path) -> Vec<(String, String, u32, Option<String>)> {
+        let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
+        let mut query = conn.prepare("SELECT rule, status, attempts, last_error FROM alerts ORDER BY id").unwrap();
+        query
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A receiver answering `status` with `body` at [`HOOK_PATH`].
+    async fn hook(status: u16, body: &str) -> MockServer {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(HOOK_PATH))
+            .respond_with(ResponseTemplate::new(status).set_body_string(body))
+            .mount(&server)
+            .await;
+        server
+    }
+
+    fn hook_url(server: &MockServer) -> String {
+        format!("{}{HOOK_PATH}", server.uri())
+    }
+
+    fn complaint() -> Contribution {
+        Contribution {
+            author: Author {
+                id: "7".into(),
+                handle: Some("mayac".into()),
+                display_name: Some("Maya C".into()),
+                email: Some("maya@example.com".into()),
+                profile_url: Some("https://community.example.com/u/mayac".into()),
+            },
+            title: Some("Export is broken".into()),
+            body: "It fails every time.\nPlease fix.".into(),
+            signals: Some(Signals { sentiment: -0.62, intent: Intent::Complaint, sentiment_skipped: None }),
+            ..Contribution::sample()
+        }
+    }
+
+    fn numbered(contribution: &Contribution, id: usize) -> Contribution {
+        Contribution { external_id: format!("{id}"), ..contribution.clone() }
+    }
+
+    /// Whether one contribution of contact `contact` alerts under a Slack
+    /// rule with `conditions` (TOML lines).
+    async fn check(conditions: &str, contribution: Contribution, contact: &str, expected: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_text = format!("[alerts.rule]\ndestination = \"slack\"\nurl = $URL\n{conditions}");
+        let rules = rules(dir.path(), "https://hooks.example.com/services/T/B/x", &toml_text);
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::with_contacts()));
+        let queued = alerts.consider(&[(contribution, contact.to_owned())]).await.unwrap();
+        assert_eq!(queued == 1, expected, "conditions `{conditions}`, contact {contact}");
+    }
+
+    #[tokio::test]
+    async fn conditions_select_what_alerts() {
+        let question = Contribution::sample();
+        let unsigned = Contribution { signals: None, ..complaint() };
+        let skipped = |sentiment| Contribution {
+            signals: Some(Signals {
+                sentiment,
+                intent: Intent::Complaint,
+                sentiment_skipped: Some("language not covered".into()),
+            }),
+            ..complaint()
+        };
+
+        check("", complaint(), "c1", true).await;
+        check("", Contribution { deleted: true, ..complaint() }, "c1", false).await;
+        check("enabled = true", question.clone(), "", true).await;
+
+        check("intent = [\"complaint\"]", complaint(), "c1", true).await;
+        check("intent = [\"complaint\"]", question.clone(), "c1", false).await;
+        check("intent = [\"complaint\"]", unsigned.clone(), "c1", false).await;
+        check("intent = [\"question\", \"complaint\"]", question.clone(), "c1", true).await;
+
+        check("sentiment_below = -0.3", complaint(), "c1", true).await;
+        check("sentiment_below = -0.3", question.clone(), "c1", false).await;
+        check("sentiment_below = -0.3", skipped(-0.9), "c1", false).await;
+        check("sentiment_below = -0.3", unsigned.clone(), "c1", false).await;
+        check("sentiment_above = 0.2", question.clone(), "c1", true).await;
+        check("sentiment_above = 0.2", skipped(0.9), "c1", false).await;
+        check("sentiment_above = -0.7\nsentiment_below = -0.5", complaint(), "c1", true).await;
+        check("sentiment_above = -0.6\nsentiment_below = -0.5", complaint(), "c1", false).await;
+
+        check("platforms = [\"zendesk\"]", complaint(), "c1", false).await;
+        check("platforms = [\"Discourse\", \"zendesk\"]", complaint(), "c1", true).await;
+        check("sources = [\"community\"]", complaint(), "c1", true).await;
+        check("sources = [\"support\"]", complaint(), "c1", false).await;
+
+        let stage = "contact = { lifecyclestage = [\"customer\", \"opportunity\"] }";
+        check(stage, complaint(), "c1", true).await;
+        check(stage, complaint(), "c2", false).await;
+        check(stage, complaint(), "c9", false).await;
+        check(stage, complaint(), "", false).await;
+        check("contact = { lifecyclestage = [\"customer\"], company = [\"ACME\"] }", complaint(), "c1", true).await;
+        check("contact = { lifecyclestage = [\"customer\"], company = [\"Globex\"] }", complaint(), "c1", false).await;
+        check("intent = [\"praise\"]\ncontact = { company = [\"Acme\"] }", complaint(), "c1", false).await;
+    }
+
+    #[tokio::test]
+    async fn a_matching_contribution_alerts_exactly_once_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let toml_text = "[alerts.unhappy]\ndestination = \"webhook\"\nurl = $URL\nintent = [\"complaint\"]";
+        let rules = rules(dir.path(), &hook_url(&server), toml_text);
+        let crm = Arc::new(TestCrm::default());
+        let batch = vec![(complaint(), "c1".to_owned()), (numbered(&Contribution::sample(), 43), "c1".to_owned())];
+
+        let alerts = open(dir.path(), &rules, crm.clone());
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 1, "the question does not match");
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 0, "queued once");
+        drop(alerts);
+
+        let alerts = open(dir.path(), &rules, crm.clone());
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 0, "a restart queues nothing again");
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { sent: 1, ..SendStats::default() });
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats::default());
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 0, "a sent alert is never queued again");
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats::default());
+
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+        assert!(crm.reads().is_empty(), "no rule needs contact properties");
+        let rows = stored(dir.path());
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].1.as_str(), rows[0].2), ("sent", 1));
+    }
+
+    /// What a destination receives for one alert about `contribution`,
+    /// with the request's content type.
+    async fn sent_body(destination: &str, contribution: Contribution) -> (Value, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let toml_text = format!("[alerts.unhappy]\ndestination = \"{destination}\"\nurl = $URL");
+        let rules = rules(dir.path(), &hook_url(&server), &toml_text);
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        assert_eq!(alerts.consider(&[(contribution, "c1".to_owned())]).await.unwrap(), 1);
+        assert_eq!(alerts.send_due().await.unwrap().sent, 1);
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 1);
+        let content_type = requests[0].headers.get("content-type").unwrap().to_str().unwrap().to_owned();
+        let body: Value = serde_json::from_slice(&requests[0].body).unwrap();
+        let text = body.to_string();
+        assert!(!text.contains("maya@example.com"), "no e-mail in an alert: {text}");
+        assert!(!text.contains(TOKEN), "{text}");
+        (body, content_type)
+    }
+
+    fn hostile() -> Contribution {
+        Contribution {
+            title: Some("<script>alert(1)</script> for @channel".into()),
+            body: "Hey @here & @all, <!channel> see [click](https://evil.example) or <https://evil.example|click>"
+                .into(),
+            ..complaint()
+        }
+    }
+
+    #[tokio::test]
+    async fn slack_gets_blocks_with_escaped_user_text() {
+        let (body, content_type) = sent_body("slack", hostile()).await;
+        assert_eq!(content_type, "application/json");
+        let text = body.to_string();
+        for injected in ["<script>", "@channel", "@here", "@all", "<!channel>", "<https://evil"] {
+            assert!(!text.contains(injected), "`{injected}` in {text}");
+        }
+        assert!(body["text"].as_str().unwrap().contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{body}");
+        let blocks = body["blocks"].as_array().unwrap();
+        assert_eq!(blocks[0]["type"], "header");
+        assert_eq!(blocks[0]["text"]["text"], "Alert: unhappy");
+        let headline = blocks[1]["text"]["text"].as_str().unwrap();
+        assert_eq!(blocks[1]["text"]["type"], "mrkdwn");
+        assert!(headline.starts_with("*<https://community.example.com/t/42|&lt;script&gt;"), "{headline}");
+        assert!(headline.contains("\n>Hey @\u{200B}here &amp; @\u{200B}all, &lt;!channel&gt; see"), "{headline}");
+        let fields: Vec<&str> =
+            blocks[2]["fields"].as_array().unwrap().iter().map(|f| f["text"].as_str().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "*Rule*\nunhappy",
+                "*Platform*\ndiscourse (community)",
+                "*Intent*\ncomplaint",
+                "*Sentiment*\n-0.62",
+                "*Author*\nMaya C (@\u{200B}mayac)",
+                "*Contact*\n<https://crm.example.com/contacts/c1|c1>",
+            ]
+        );
+        assert_eq!(
+            blocks[3]["elements"][0]["text"],
+            "<https://community.example.com/t/42|Open post> · <https://crm.example.com/contacts/c1|Open contact>"
+        );
+    }
+
+    #[tokio::test]
+    async fn teams_gets_an_adaptive_card_with_both_links() {
+        let (body, _) = sent_body("teams", hostile()).await;
+        assert_eq!(body["type"], "message");
+        let attachment = &body["attachments"][0];
+        assert_eq!(attachment["contentType"], "application/vnd.microsoft.card.adaptive");
+        assert!(attachment["contentUrl"].is_null());
+        let card = &attachment["content"];
+        assert_eq!(card["$schema"], "http://adaptivecards.io/schemas/adaptive-card.json");
+        assert_eq!((card["type"].as_str(), card["version"].as_str()), (Some("AdaptiveCard"), Some("1.4")));
+        assert_eq!(
+            card["actions"],
+            json!([
+                {"type": "Action.OpenUrl", "title": "Open post", "url": "https://community.example.com/t/42"},
+                {"type": "Action.OpenUrl", "title": "Open contact", "url": "https://crm.example.com/contacts/c1"},
+            ])
+        );
+        let blocks = card["body"].as_array().unwrap();
+        assert_eq!(
+            blocks[0],
+            json!({"type": "TextBlock", "text": "Alert: unhappy", "size": "Medium", "weight": "Bolder", "wrap": true})
+        );
+        let excerpt = blocks[2]["text"].as_str().unwrap();
+        assert!(excerpt.contains("[click]\u{200B}(https://evil.example)"), "a link is broken up: {excerpt}");
+        let facts = blocks[3]["facts"].as_array().unwrap();
+        assert_eq!(blocks[3]["type"], "FactSet");
+        let fact = |title: &str| facts.iter().find(|f| f["title"] == title).unwrap()["value"].clone();
+        assert_eq!(fact("Intent"), "complaint");
+        assert_eq!(fact("Sentiment"), "-0.62");
+        assert_eq!(fact("Author"), "Maya C (@mayac)");
+        assert_eq!(fact("Contact"), "c1");
+    }
+
+    #[tokio::test]
+    async fn mattermost_gets_markdown_text() {
+        let (body, _) = sent_body("mattermost", hostile()).await;
+        let object = body.as_object().unwrap();
+        assert_eq!(object.keys().collect::<Vec<_>>(), ["text"]);
+        let text = body["text"].as_str().unwrap();
+        for injected in ["@channel", "@here", "@all", "[click](", " <https://evil"] {
+            assert!(!text.contains(injected), "`{injected}` in {text}");
+        }
+        assert!(text.contains(" or \\<https://evil.example\\|click\\>"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "**Alert: unhappy** · complaint · sentiment -0.62 · discourse \\(community\\)");
+        assert!(lines[1].starts_with("**[\\<script\\>alert\\(1\\)\\</script\\> for @\u{200B}channel](https://community.example.com/t/42)** by Maya C"), "{text}");
+        assert!(
+            lines[2].starts_with(
+                "> Hey @\u{200B}here & @\u{200B}all, \\<\\!channel\\> see \\[click\\]\\(https://evil.example\\)"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            &"[Open post](https://community.example.com/t/42) · [Open contact](https://crm.example.com/contacts/c1) · contact c1"
+        );
+    }
+
+    #[tokio::test]
+    async fn webhook_gets_the_documented_json() {
+        let long = Contribution { body: "é".repeat(400), ..complaint() };
+        let (body, content_type) = sent_body("webhook", long).await;
+        assert_eq!(content_type, "application/json");
+        let excerpt = format!("{}…", "é".repeat(299));
+        assert_eq!(
+            body,
+            json!({
+                "rule": "unhappy",
+                "contribution": {
+                    "key": "discourse:community:42",
+                    "platform": "discourse",
+                    "source": "community",
+                    "url": "https://community.example.com/t/42",
+                    "kind": "post",
+                    "title": "Export is broken",
+                    "excerpt": excerpt,
+                    "author": {"handle": "mayac", "display_name": "Maya C", "profile_url": "https://community.example.com/u/mayac"},
+                    "created_at": "2023-11-14T22:13:20Z",
+                    "intent": "complaint",
+                    "sentiment": -0.62,
+                },
+                "contact": {"id": "c1", "url": "https://crm.example.com/contacts/c1"},
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn over_the_rate_limit_alerts_stay_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let toml_text = "[alerts.unhappy]\ndestination = \"slack\"\nurl = $URL\nmax_per_hour = 6";
+        let rules = rules(dir.path(), &hook_url(&server), toml_text);
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        let batch: Vec<_> = (1..=3).map(|id| (numbered(&complaint(), id), "c1".to_owned())).collect();
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 3);
+
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { sent: 1, deferred: 2, ..SendStats::default() });
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { deferred: 2, ..SendStats::default() });
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+        let pending = alerts.store.due_alerts(10).await.unwrap();
+        assert_eq!(pending.iter().map(|alert| alert.attempts).collect::<Vec<_>>(), [0, 0], "untouched, still due");
+        let statuses: Vec<String> = stored(dir.path()).into_iter().map(|row| row.1).collect();
+        assert_eq!(statuses, ["sent", "pending", "pending"]);
+    }
+
+    #[test]
+    fn the_bucket_bursts_a_sixth_of_the_hour_and_refills_evenly() {
+        let start = Instant::now();
+        let mut bucket = Bucket::per_hour(6);
+        assert!(bucket.try_take(start));
+        assert!(!bucket.try_take(start));
+        assert!(!bucket.try_take(start + Duration::from_secs(599)));
+        assert!(bucket.try_take(start + Duration::from_secs(600)));
+
+        let mut bucket = Bucket::per_hour(30);
+        assert_eq!((0..10).filter(|_| bucket.try_take(start)).count(), 5);
+        assert!(bucket.try_take(start + Duration::from_secs(120)));
+        assert!(!bucket.try_take(start + Duration::from_secs(120)));
+        assert_eq!(Bucket::per_hour(1).capacity, 1.0);
+    }
+
+    /// Alerts with one queued alert of the Slack rule `unhappy`, whose rate limit never bites.
+    async fn one_alert(dir: &Path, server: &MockServer) -> Alerts {
+        let toml_text = "[alerts.unhappy]\ndestination = \"slack\"\nurl = $URL\nmax_per_hour = 3600";
+        let rules = rules(dir, &hook_url(server), toml_text);
+        let alerts = open(dir, &rules, Arc::new(TestCrm::default()));
+        assert_eq!(alerts.consider(&[(complaint(), "c1".to_owned())]).await.unwrap(), 1);
+        alerts
+    }
+
+    #[tokio::test]
+    async fn a_server_error_is_retried_and_sent_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(500).set_body_string(format!("boom at {HOOK_PATH}")))
+            .up_to_n_times(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(200)).mount(&server).await;
+        let alerts = one_alert(dir.path(), &server).await;
+
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { retried: 1, ..SendStats::default() });
+        let rows = stored(dir.path());
+        let error = rows[0].3.clone().unwrap();
+        assert!(error.contains("HTTP 500") && error.contains("slack at 127.0.0.1"), "{error}");
+        assert!(!error.contains(TOKEN) && !error.contains("/hooks/"), "{error}");
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { sent: 1, ..SendStats::default() });
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats::default());
+        assert_eq!(server.received_requests().await.unwrap().len(), 2);
+        let rows = stored(dir.path());
+        assert_eq!((rows[0].1.as_str(), rows[0].2, rows[0].3.as_deref()), ("sent", 2, None));
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_given_up_after_eight_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(503, "unavailable").await;
+        let alerts = one_alert(dir.path(), &server).await;
+        for _ in 1..MAX_ATTEMPTS {
+            assert_eq!(alerts.send_due().await.unwrap().retried, 1);
+        }
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { failed: 1, ..SendStats::default() });
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats::default());
+        assert_eq!(server.received_requests().await.unwrap().len(), MAX_ATTEMPTS as usize);
+        let rows = stored(dir.path());
+        assert_eq!((rows[0].1.as_str(), rows[0].2), ("failed", MAX_ATTEMPTS));
+        assert!(rows[0].3.as_deref().unwrap().starts_with("gave up after 8 attempts"), "{rows:?}");
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_destination_is_tried_again_after_its_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "120"))
+            .mount(&server)
+            .await;
+        let alerts = one_alert(dir.path(), &server).await;
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { retried: 1, ..SendStats::default() });
+        assert!(alerts.store.due_alerts(10).await.unwrap().is_empty(), "not due before the Retry-After");
+        let rows = stored(dir.path());
+        assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1));
+        assert!(rows[0].3.as_deref().unwrap().contains("retry in 120s"), "{rows:?}");
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_alert_fails_without_showing_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start().await;
+        let echo = format!("no_service for {}{HOOK_PATH}", server.uri());
+        Mock::given(method("POST")).respond_with(ResponseTemplate::new(404).set_body_string(echo)).mount(&server).await;
+        let alerts = one_alert(dir.path(), &server).await;
+
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { failed: 1, ..SendStats::default() });
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats::default(), "a failed alert is not sent again");
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+        let rows = stored(dir.path());
+        assert_eq!(rows[0].1, "failed");
+        let error = rows[0].3.clone().unwrap();
+        assert!(error.starts_with("alert rule `unhappy`: slack at 127.0.0.1:"), "{error}");
+        assert!(error.contains("refused the alert: HTTP 404: no_service for"), "{error}");
+        assert!(!error.contains(TOKEN) && !error.contains("/hooks/"), "{error}");
+
+        let debug = format!("{alerts:?}");
+        assert!(debug.contains("127.0.0.1") && !debug.contains(TOKEN) && !debug.contains("/hooks/"), "{debug}");
+        let config =
+            format!("{:?}", rules(dir.path(), &hook_url(&server), "[alerts.x]\ndestination = \"slack\"\nurl = $URL"));
+        assert!(!config.contains(TOKEN), "{config}");
+    }
+
+    /// The error building `rule` (TOML after `[alerts.rule]`) gives.
+    fn build_error(dir: &Path, url: &str, rule: &str) -> String {
+        let rules = rules(dir, url, &format!("[alerts.rule]\n{rule}"));
+        let store = Arc::new(SqliteStore::open(&dir.join("state.db")).unwrap());
+        let error = Alerts::new(&rules, None, store, Arc::new(TestCrm::default())).unwrap_err();
+        let (display, debug) = (error.to_string(), format!("{error:?}"));
+        assert!(!display.contains(TOKEN) && !debug.contains(TOKEN), "{display} / {debug}");
+        display
+    }
+
+    #[test]
+    fn bad_rules_are_refused_by_rule_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let https = format!("https://hooks.example.com{HOOK_PATH}");
+        let slack = "destination = \"slack\"\nurl = $URL";
+        let cases = [
+            (
+                https.clone(),
+                format!("{slack}\nmax_per_hour = 0"),
+                "alert rule `rule`: `max_per_hour`: must be at least 1",
+            ),
+            (https.clone(), format!("{slack}\nsentiment_below = 2.0"), "`sentiment_below`: must be between -1 and 1"),
+            (
+                https.clone(),
+                format!("{slack}\nsentiment_below = 0.1\nsentiment_above = 0.5"),
+                "`sentiment_below`: 0.1 is not above `sentiment_above` (0.5)",
+            ),
+            (https.clone(), format!("{slack}\ncontact = {{ company = [] }}"), "`contact`: `company` lists no value"),
+            (
+                https.clone(),
+                format!("{slack}\nsecret = {{ env = \"S\" }}"),
+                "`secret`: only `destination = \"webhook\"`",
+            ),
+            (
+                https.clone(),
+                "destination = \"webhook\"\nurl = $URL\nsecret = { env = \"S\" }".into(),
+                "`secret`: signed alert webhooks are not supported yet",
+            ),
+            (format!("http://hooks.example.com{HOOK_PATH}"), slack.into(), "`url`: must be https"),
+            (format!("ftp://hooks.example.com{HOOK_PATH}"), slack.into(), "`url`: must be an https URL, not `ftp:`"),
+            (format!("{TOKEN} is no URL"), slack.into(), "`url`: is not a valid absolute URL"),
+            (
+                https.clone(),
+                "destination = \"slack\"\nurl = { env = \"TRIBUTARY_TEST_SURELY_UNSET\" }".into(),
+                "`url`: environment variable `TRIBUTARY_TEST_SURELY_UNSET` is not set",
+            ),
+        ];
+        for (url, rule, expected) in cases {
+            let error = build_error(dir, &url, &rule);
+            assert!(error.contains(expected), "{rule}: {error}");
+        }
+
+        let unknown =
+            toml::from_str::<Tables>("[alerts.x]\ndestination = \"slack\"\nurl = { env = \"X\" }\nchanel = 1");
+        assert!(unknown.unwrap_err().to_string().contains("unknown field `chanel`"));
+        let intent =
+            toml::from_str::<Tables>("[alerts.x]\ndestination = \"slack\"\nurl = { env = \"X\" }\nintent = [\"rant\"]");
+        assert!(intent.unwrap_err().to_string().contains("unknown variant `rant`"));
+
+        // A disabled rule is not built, so its secret need not resolve.
+        let rules =
+            rules(dir, &https, "[alerts.off]\ndestination = \"teams\"\nurl = { env = \"UNSET_X\" }\nenabled = false");
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&dir.join("state.db")).unwrap());
+        let alerts = Alerts::new(&rules, None, store.clone(), Arc::new(TestCrm::default())).unwrap();
+        assert!(alerts.is_empty());
+        assert_eq!(rules["off"].max_per_hour, DEFAULT_MAX_PER_HOUR);
+
+        let no_placeholder =
+            Alerts::new(&rules, Some("https://crm.example.com/c".into()), store, Arc::new(TestCrm::default()));
+        assert!(no_placeholder.unwrap_err().to_string().contains("has no `{contact_id}` placeholder"));
+    }
+
+    #[tokio::test]
+    async fn an_alert_of_a_removed_rule_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        drop(one_alert(dir.path(), &server).await);
+        let rules = rules(dir.path(), &hook_url(&server), "[alerts.other]\ndestination = \"slack\"\nurl = $URL");
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        assert_eq!(alerts.send_due().await.unwrap(), SendStats { failed: 1, ..SendStats::default() });
+        let rows = stored(dir.path());
+        assert_eq!(rows[0].1, "failed");
+        assert!(rows[0].3.as_deref().unwrap().contains("`unhappy` is no longer configured"), "{rows:?}");
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_changed_destination_gets_its_own_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        drop(one_alert(dir.path(), &server).await);
+        let rules = rules(dir.path(), &hook_url(&server), "[alerts.unhappy]\ndestination = \"mattermost\"\nurl = $URL");
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        assert_eq!(alerts.send_due().await.unwrap().sent, 1);
+        let requests = server.received_requests().await.unwrap();
+        let body: Value = serde_json::from_slice(&requests[0].body).unwrap();
+        assert!(body["text"].as_str().unwrap().starts_with("**Alert: unhappy**"), "{body}");
+        assert!(body.get("blocks").is_none());
+    }
+
+    #[tokio::test]
+    async fn contact_properties_are_read_once_per_contact_and_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_text = r#"
+            [alerts.customers]
+            destination = "slack"
+            url = $URL
+            contact = { lifecyclestage = ["customer"] }
+
+            [alerts.acme]
+            destination = "slack"
+            url = $URL
+            contact = { company = ["acme"] }
+
+            [alerts.praise_from_globex]
+            destination = "slack"
+            url = $URL
+            intent = ["praise"]
+            contact = { company = ["globex"] }
+
+            [alerts.everything]
+            destination = "slack"
+            url = $URL
+        "#;
+        let rules = rules(dir.path(), "https://hooks.example.com/services/T/B/x", toml_text);
+        let crm = Arc::new(TestCrm::with_contacts());
+        let alerts = open(dir.path(), &rules, crm.clone());
+        let batch = vec![
+            (numbered(&complaint(), 1), "c1".to_owned()),
+            (numbered(&complaint(), 2), "c1".to_owned()),
+            (numbered(&complaint(), 3), "c2".to_owned()),
+        ];
+        // c1: customers, acme and everything, twice; c2: everything only.
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 7);
+        let names = vec!["company".to_owned(), "lifecyclestage".to_owned()];
+        assert_eq!(crm.reads(), [("c1".to_owned(), names.clone()), ("c2".to_owned(), names.clone())]);
+
+        // Another call reads again; a contact only rules without contact
+        // conditions (or otherwise failing ones) want is not read.
+        let more = vec![(numbered(&complaint(), 4), "c1".to_owned()), (numbered(&complaint(), 5), "c3".to_owned())];
+        let rules =
+            rules.into_iter().filter(|(name, _)| name != "customers" && name != "acme").collect::<BTreeMap<_, _>>();
+        let narrow = open(dir.path(), &rules, crm.clone());
+        assert_eq!(narrow.consider(&more).await.unwrap(), 2, "everything, for both");
+        assert_eq!(crm.reads().len(), 2, "praise_from_globex matches no complaint: nothing read");
+        assert_eq!(alerts.consider(&more[..1]).await.unwrap(), 2, "customers and acme for the new one");
+        assert_eq!(crm.reads().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_crm_failure_skips_only_rules_with_contact_conditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml_text = r#"
+            [alerts.customers]
+            destination = "slack"
+            url = $URL
+            contact = { lifecyclestage = ["customer"] }
+
+            [alerts.everything]
+            destination = "slack"
+            url = $URL
+        "#;
+        let rules = rules(dir.path(), "https://hooks.example.com/services/T/B/x", toml_text);
+        let crm = Arc::new(TestCrm { down: true, ..TestCrm::with_contacts() });
+        let alerts = open(dir.path(), &rules, crm.clone());
+        let batch = vec![(numbered(&complaint(), 1), "c1".to_owned()), (numbered(&complaint(), 2), "c1".to_owned())];
+        assert_eq!(alerts.consider(&batch).await.unwrap(), 2, "`everything` for both, `customers` for none");
+        assert_eq!(crm.reads().len(), 1, "a failed read is not repeated within the call");
+        let rules: Vec<String> = stored(dir.path()).into_iter().map(|row| row.0).collect();
+        assert_eq!(rules, ["everything", "everything"]);
+    }
+
+    #[tokio::test]
+    async fn run_sends_under_the_lease_and_lets_it_go_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let alerts = one_alert(dir.path(), &server).await;
+        let store = alerts.store.clone();
+        let (shutdown, wake) = (CancellationToken::new(), Arc::new(Notify::new()));
+        let task = tokio::spawn(Arc::new(alerts).run(shutdown.clone(), wake.clone(), Duration::from_secs(3600)));
+        for _ in 0..500 {
+            if !server.received_requests().await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(server.received_requests().await.unwrap().len(), 1);
+        assert!(!store.acquire_lease(LEASE, "another replica", LEASE_TTL).await.unwrap(), "held while running");
+        shutdown.cancel();
+        task.await.unwrap();
+        assert!(store.acquire_lease(LEASE, "another replica", LEASE_TTL).await.unwrap(), "released on shutdown");
+        assert_eq!(stored(dir.path())[0].1, "sent");
+    }
+
+    #[test]
+    fn text_helpers() {
+        assert_eq!(excerpt("  a\n\n b\tc "), "a b c");
+        let exact = "x".repeat(EXCERPT_CHARS);
+        assert_eq!(excerpt(&exact), exact);
+        let cut = excerpt(&"日本".repeat(EXCERPT_CHARS));
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS);
+        assert!(cut.ends_with('…'));
+        assert_eq!(cap("abc def", 5), "abc…");
+        assert_eq!(slack_escape("a & <b> @here"), "a &amp; &lt;b&gt; @\u{200B}here");
+        assert_eq!(neutralise_mentions("mail me@example.com, @ all"), "mail me@\u{200B}example.com, @ all");
+        assert_eq!(markdown_escape("*x* [y](z)"), "\\*x\\* \\[y\\]\\(z\\)");
+        assert_eq!(
+            slack_link("https://x.example/a|b?q=1&r=(2)", "go"),
+            "<https://x.example/a%7Cb?q=1&amp;r=%282%29|go>"
+        );
+        assert_eq!(web_url("javascript:alert(1)"), None);
+        assert_eq!(percent_encode("email:a b@c"), "email%3Aa%20b%40c");
+    }
 }

@@ -37,7 +37,7 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     pub identity: IdentityConfig,
     pub privacy: PrivacyConfig,
-    pub alerts: BTreeMap<String, serde_json::Value>,
+    pub alerts: BTreeMap<String, crate::alerts::AlertRuleConfig>,
 }
 
 /// `[identity]`: the identity graph.
@@ -669,7 +669,7 @@ impl<'a> Reader<'a> {
                 DeValue::Table(table) => {
                     for (name, value) in table {
                         let key = format!("alerts.{}", name.get_ref());
-                        if let Some(rule) = self.section::<serde_json::Value>(&index, &key, value) {
+                        if let Some(rule) = self.section::<crate::alerts::AlertRuleConfig>(&index, &key, value) {
                             alerts.insert(name.into_inner().into_owned(), rule);
                         }
                     }
@@ -719,6 +719,7 @@ impl<'a> Reader<'a> {
         }
         if self.secrets == Secrets::Check && self.problems.is_empty() {
             self.check_builds(&index, crm.as_ref(), &sources);
+            self.check_alerts(&index, crm.as_ref(), &alerts);
         }
 
         match (daemon, crm, identity, privacy) {
@@ -937,6 +938,37 @@ impl<'a> Reader<'a> {
                 hint: "config/production.toml documents every key of the CRM".into(),
             });
         }
+    }
+
+    /// Alert rules are built offline: a refusal is reported at the key it names.
+    fn check_alerts(
+        &mut self,
+        index: &DeTable<'_>,
+        crm: Option<&CrmConfig>,
+        alerts: &BTreeMap<String, crate::alerts::AlertRuleConfig>,
+    ) {
+        let contact_url = crm.and_then(|crm| crm.common.contact_url.as_deref());
+        let Err(error) = crate::alerts::validate(alerts, contact_url) else { return };
+        let (key, span) = match &error {
+            crate::alerts::AlertError::Config { rule, key, .. } => {
+                let rule_table = table_at(index, "alerts").and_then(|table| table.get_key_value(rule.as_str()));
+                let span = rule_table.and_then(|(name, value)| match value.get_ref() {
+                    DeValue::Table(inner) => key_span(inner, key).or(Some(name.span())),
+                    _ => Some(name.span()),
+                });
+                (format!("alerts.{rule}.{key}"), span.unwrap_or(0..0))
+            }
+            _ => ("crm.contact_url".to_owned(), table_at(index, "crm").and_then(|t| key_span(t, "contact_url")).unwrap_or(0..0)),
+        };
+        let (line, column) = line_column(self.text, span.start);
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line,
+            column,
+            key,
+            message: error.to_string(),
+            hint: "the README's \"Alerts to the team\" shows a working rule".into(),
+        });
     }
 
     /// Every `{ env = ... }` / `{ file = ... }` table must resolve.

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_sdk::{Crm, PollRequest};
 
 use crate::{
+    alerts::Alerts,
     cli::{Command, CrmCommand, DeadLetters, IdentityCommand},
     config::{Config, ConfigErrors, Secrets},
     delivery::{DeliverySettings, Worker},
@@ -132,8 +133,13 @@ impl Generation {
         for built in sources {
             tasks.spawn(scheduler::run_source(built, store.clone(), owner.to_owned(), wake.clone(), cancel.clone()));
         }
-        let worker =
+        let mut worker =
             Worker::new(store.clone(), crm.clone(), delivery_settings(config), owner.to_owned(), Some(health.clone()));
+        if let Some(alerts) = build_alerts(config, store, &crm)? {
+            let alerts_wake = Arc::new(Notify::new());
+            worker = worker.with_alerts(alerts.clone(), alerts_wake.clone());
+            tasks.spawn(alerts.run(cancel.clone(), alerts_wake, Duration::from_secs(5)));
+        }
         tasks.spawn(worker.run(cancel.clone(), wake, config.daemon.delivery_interval.0));
         tasks.spawn(check_crm_periodically(crm.clone(), health.clone(), cancel.clone()));
         tasks.spawn(maintain_identities(
@@ -155,6 +161,33 @@ impl Generation {
             self.tasks.abort_all();
         }
     }
+}
+
+/// The enabled alert rules, when there are any.
+fn build_alerts(
+    config: &Config,
+    store: &Arc<dyn StateStore>,
+    crm: &Arc<dyn Crm>,
+) -> anyhow::Result<Option<Arc<Alerts>>> {
+    if config.alerts.is_empty() {
+        return Ok(None);
+    }
+    let alerts = Alerts::new(&config.alerts, config.crm.common.contact_url.clone(), store.clone(), crm.clone())?;
+    Ok((!alerts.is_empty()).then(|| Arc::new(alerts)))
+}
+
+/// Sends what the alert rules queued, for one-shot commands.
+async fn send_alerts(alerts: Option<&Arc<Alerts>>) -> anyhow::Result<()> {
+    if let Some(alerts) = alerts {
+        let stats = alerts.send_due().await?;
+        if stats.sent + stats.failed + stats.retried + stats.deferred > 0 {
+            println!(
+                "alerts: {} sent, {} to retry, {} failed, {} held by the rate limit",
+                stats.sent, stats.retried, stats.failed, stats.deferred
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Applies the links file when the daemon starts, and reads the CRM's
@@ -442,7 +475,11 @@ async fn sync(
     store.record_poll(name, None).await?;
     progress.set_message("delivering to the CRM");
     let crm = registry::build_crm(&config.crm, store.clone())?;
-    let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner, None);
+    let alerts = build_alerts(config, &store, &crm)?;
+    let mut worker = Worker::new(store.clone(), crm, delivery_settings(config), owner, None);
+    if let Some(alerts) = &alerts {
+        worker = worker.with_alerts(alerts.clone(), Arc::new(Notify::new()));
+    }
     let delivered = worker.drain(&cancel).await?;
     progress.finish_and_clear();
     stop_on_signal.abort();
@@ -458,6 +495,7 @@ async fn sync(
         delivered.dead,
         delivered.skipped
     );
+    send_alerts(alerts.as_ref()).await?;
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use tributary_sdk::{ActivityUpsert, Crm, CrmError, RecordOutcome, Rollup};
 
 use crate::{
+    alerts::Alerts,
     config::{OnDelete, UnknownAuthors},
     health::Health,
     identity::{self, IdentityError, Resolution},
@@ -77,6 +78,9 @@ pub struct Worker {
     health: Option<Arc<Health>>,
     /// Batches in a row that failed as a whole: the backoff of an outage.
     outage: Arc<AtomicU32>,
+    /// Alert rules matched against what each batch delivered, and the
+    /// sender to wake when some were queued.
+    alerts: Option<(Arc<Alerts>, Arc<Notify>)>,
 }
 
 /// Whether a failure of a whole batch is the CRM's as a whole (down, rate
@@ -98,7 +102,15 @@ impl Worker {
         owner: String,
         health: Option<Arc<Health>>,
     ) -> Worker {
-        Worker { store, crm, settings, owner, health, outage: Arc::new(AtomicU32::new(0)) }
+        Worker { store, crm, settings, owner, health, outage: Arc::new(AtomicU32::new(0)), alerts: None }
+    }
+
+    /// Matches every delivered contribution against the alert rules.
+    pub fn with_alerts(mut self, alerts: Arc<Alerts>, wake: Arc<Notify>) -> Worker {
+        if !alerts.is_empty() {
+            self.alerts = Some((alerts, wake));
+        }
+        self
     }
 
     /// Runs until `shutdown`: a batch whenever woken or every `interval`.
@@ -322,7 +334,28 @@ impl Worker {
             }
             finished.push(self.finished(row, delivery));
         }
+        let delivered: Vec<(tributary_sdk::Contribution, String)> = finished
+            .iter()
+            .filter_map(|f| match &f.delivery {
+                Delivery::Delivered { contact_id, .. } if !f.contribution.deleted => {
+                    Some((f.contribution.clone(), contact_id.clone()))
+                }
+                _ => None,
+            })
+            .collect();
         self.store.finish(&self.owner, finished).await?;
+        if let Some((alerts, wake)) = &self.alerts
+            && !delivered.is_empty()
+        {
+            match alerts.consider(&delivered).await {
+                Ok(0) => {}
+                Ok(queued) => {
+                    tracing::info!(queued, "alerts queued");
+                    wake.notify_one();
+                }
+                Err(error) => tracing::warn!(error = %error, "matching alert rules failed"),
+            }
+        }
         metrics::counter!("tributary_delivered_total", "outcome" => "delivered").increment(stats.delivered as u64);
         metrics::counter!("tributary_delivered_total", "outcome" => "retry").increment(stats.retried as u64);
         metrics::counter!("tributary_delivered_total", "outcome" => "dead").increment(stats.dead as u64);

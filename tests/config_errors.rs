@@ -268,9 +268,39 @@ fn the_readme_crm_examples_check_clean() {
         let env: Vec<(&str, &str)> = block
             .split("env = \"")
             .skip(1)
-            .map(|piece| (piece.split('"').next().unwrap(), "an-example-secret-of-some-length"))
+            .map(|piece| piece.split('"').next().unwrap())
+            .map(|name| match name.ends_with("_URL") {
+                true => (name, "https://hooks.example.com/services/T000/B000/an-example-secret"),
+                false => (name, "an-example-secret-of-some-length"),
+            })
             .collect();
         let output = setup.run(&["check"], &env);
         assert!(output.status.success(), "{block}\n{}", String::from_utf8_lossy(&output.stderr));
     }
+}
+
+/// An alert rule's mistakes are reported at their line, and its webhook address never shows.
+#[test]
+fn alert_rule_mistakes_are_reported_at_their_line() {
+    let setup = Setup::new();
+    setup.write_config(
+        "[daemon]\nstate = \"sqlite://{dir}/state.db\"\n[crm]\ntype = \"file\"\npath = \"{dir}/crm.json\"\n\
+         [sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n\
+         [alerts.angry]\ndestination = \"slack\"\nurl = { env = \"HOOK_URL\" }\nsentiment_below = 2.5\n",
+    );
+    let output = setup.run(&["check"], &[("HOOK_URL", "https://hooks.slack.com/services/T0/B0/sekrit-token")]);
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config.toml:12:1: `alerts.angry.sentiment_below`"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert!(!stderr.contains("sekrit"), "{stderr}");
+
+    setup.write_config(
+        "[daemon]\nstate = \"sqlite://{dir}/state.db\"\n[crm]\ntype = \"file\"\npath = \"{dir}/crm.json\"\n\
+         [sources.demo]\ntype = \"demo\"\nschedule = \"every 2m\"\n\
+         [alerts.angry]\ndestination = \"pager\"\nurl = { env = \"HOOK_URL\" }\n",
+    );
+    let output = setup.run(&["check"], &[("HOOK_URL", "https://hooks.slack.com/services/T0/B0/sekrit-token")]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("config.toml:10:") && stderr.contains("pager"), "{stderr}");
 }

@@ -306,3 +306,76 @@ fn a_forgotten_person_leaves_no_trace_and_is_not_brought_back() {
         "no second contact for her"
     );
 }
+
+/// Each alert the mock webhook received: (post address, intent, platform).
+async fn alerts_received(hook: &wiremock::MockServer) -> Vec<(String, String, String)> {
+    hook.received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|request| {
+            let body: Value = serde_json::from_slice(&request.body).expect("alert json");
+            let c = &body["contribution"];
+            assert_eq!(body["rule"], "unhappy_support");
+            assert!(body["contact"]["url"].as_str().is_some_and(|u| u.starts_with("https://crm.example/contacts/")));
+            (
+                c["url"].as_str().unwrap_or("").to_owned(),
+                c["intent"].as_str().unwrap_or("").to_owned(),
+                c["platform"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_fires_once_per_matching_contribution_across_restarts() {
+    let hook = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/hooks/alerts"))
+        .respond_with(wiremock::ResponseTemplate::new(200))
+        .mount(&hook)
+        .await;
+    let setup = Setup::new();
+    let config = |total: u64| {
+        demo_config(total).replace(
+            "[sources.demo]",
+            r#"contact_url = "https://crm.example/contacts/{contact_id}"
+
+[alerts.unhappy_support]
+destination = "webhook"
+url = { env = "ALERT_HOOK_URL" }
+intent = ["complaint"]
+platforms = ["demo-support"]
+max_per_hour = 1000
+
+[sources.demo]"#,
+        )
+    };
+    let url = format!("{}/hooks/alerts", hook.uri());
+    let env = [("ALERT_HOOK_URL", url.as_str())];
+    let mut expected_total = 0;
+    // Three processes: the first items, then more (a restart), then the same again.
+    for total in [40, 80, 80] {
+        setup.write_config(&config(total));
+        let out = setup.run(&["sync", "demo"], &env);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let record = crm(&setup);
+        let expected: BTreeSet<String> = record["activities"]
+            .as_object()
+            .expect("activities")
+            .values()
+            .filter(|a| a["platform"] == "demo-support" && a["intent"] == "complaint")
+            .map(|a| a["url"].as_str().unwrap_or("").to_owned())
+            .collect();
+        let received = alerts_received(&hook).await;
+        let urls: BTreeSet<String> = received.iter().map(|(url, _, _)| url.clone()).collect();
+        assert_eq!(urls.len(), received.len(), "at most once per contribution: {received:?}");
+        assert_eq!(urls, expected, "every matching contribution, and only those");
+        assert!(received.iter().all(|(_, intent, platform)| intent == "complaint" && platform == "demo-support"));
+        assert!(expected.len() >= expected_total);
+        expected_total = expected.len();
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&url), "the hook's address is a secret");
+        assert!(!stderr(&out).contains("/hooks/alerts"), "the hook's address is a secret");
+    }
+    assert!(expected_total >= 3, "the demo has unhappy tickets: {expected_total}");
+}
