@@ -1315,6 +1315,7 @@ mod tests {
                 display_name: Some("Maya C".into()),
                 email: Some("maya@example.com".into()),
                 profile_url: Some("https://community.example.com/u/mayac".into()),
+                links: Vec::new(),
             },
             title: Some("Export is broken".into()),
             body: "It fails every time.\nPlease fix.".into(),

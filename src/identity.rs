@@ -405,6 +405,7 @@ mod tests {
             display_name: Some(handle.into()),
             email: email.map(str::to_owned),
             profile_url: None,
+            links: Vec::new(),
         };
         c
     }

@@ -180,6 +180,7 @@ impl DemoSource {
                 display_name: Some(persona.name.to_owned()),
                 email: email.map(str::to_owned),
                 profile_url: Some(format!("https://{platform}.demo.invalid/u/{handle}")),
+                links: Vec::new(),
             },
             title,
             body: body.to_owned(),

@@ -261,6 +261,7 @@ impl DiscourseSource {
                 handle: username,
                 display_name,
                 email: None,
+                links: Vec::new(),
             },
             title: post.topic_title.filter(|title| !title.is_empty()),
             body,

@@ -195,7 +195,7 @@ fn author(feed: &Feed, entry: &Entry) -> Author {
         .or_else(|| uri.clone())
         .or_else(|| name.as_deref().map(str::to_lowercase))
         .unwrap_or_default();
-    Author { id, handle: name.clone(), display_name: name, email, profile_url: uri }
+    Author { id, handle: name.clone(), display_name: name, email, profile_url: uri, links: Vec::new() }
 }
 
 fn person_uri(person: &Person) -> Option<String> {

@@ -69,6 +69,11 @@ pub struct Author {
     /// Only when the platform gives it (support tools, staff APIs, feeds).
     pub email: Option<String>,
     pub profile_url: Option<String>,
+    /// What the author's own profile links to, when the connector reads
+    /// profiles: accounts elsewhere as `platform:handle` (e.g. `x:alice`)
+    /// and websites as their `https://` address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<String>,
 }
 
 /// The signals a team can act on, added by enrichment.

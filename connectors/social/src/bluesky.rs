@@ -711,6 +711,7 @@ impl BlueskySource {
                 handle,
                 display_name: post.author.display_name.filter(|name| !name.trim().is_empty()),
                 email: None,
+                links: Vec::new(),
             },
             title: None,
             body: tidy(&post.record.text),

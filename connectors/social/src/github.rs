@@ -628,6 +628,7 @@ fn author(user: Option<RawUser>) -> Author {
             display_name: None,
             email: None,
             profile_url: user.html_url,
+            links: Vec::new(),
         },
         // GitHub names no author (a `null` user): attached to no contact.
         None => Author::default(),

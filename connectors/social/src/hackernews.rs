@@ -430,6 +430,7 @@ impl HackerNewsSource {
                 handle: author,
                 display_name: None,
                 email: None,
+                links: Vec::new(),
             },
             title,
             body,

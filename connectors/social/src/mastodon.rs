@@ -540,6 +540,7 @@ impl MastodonSource {
                 display_name: non_empty(status.account.display_name),
                 email: None,
                 profile_url: non_empty(status.account.url),
+                links: Vec::new(),
             },
             title: status.spoiler_text.map(|text| tidy(&text)).filter(|text| !text.is_empty()),
             body: html_to_text(status.content.as_deref().unwrap_or_default()),

@@ -368,6 +368,7 @@ impl RedditSource {
                 display_name: None,
                 email: None,
                 profile_url: Some(format!("{WEB}/user/{name}")),
+                links: Vec::new(),
             },
             None => Author::default(),
         };

@@ -760,9 +760,10 @@ impl StackExchangeSource {
                 display_name: name,
                 email: None,
                 profile_url: owner.link.filter(|link| !link.is_empty()),
+                links: Vec::new(),
             },
             // A deleted user: the item stays, attached to no contact.
-            _ => Author { id: String::new(), handle: None, display_name: name, email: None, profile_url: None },
+            _ => Author { id: String::new(), handle: None, display_name: name, email: None, profile_url: None, links: Vec::new() },
         }
     }
 

@@ -513,6 +513,7 @@ impl XSource {
                 handle,
                 display_name,
                 email: None,
+                links: Vec::new(),
             },
             title: None,
             body: decode_text(&tweet.text),

@@ -582,6 +582,7 @@ impl YoutubeSource {
                 display_name,
                 email: None,
                 profile_url: non_empty(snippet.author_channel_url),
+                links: Vec::new(),
             },
             title: None,
             body: tidy(&text),

@@ -571,6 +571,7 @@ impl FreshdeskSource {
                 display_name: person.name,
                 email: person.email,
                 profile_url: None,
+                links: Vec::new(),
             },
             title: ticket.subject.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned),
             body: plain_text(ticket.description.as_deref(), ticket.description_text.as_deref()),
@@ -757,6 +758,7 @@ fn conversation_author(conversation: &RawConversation, requester: Option<&Person
         display_name,
         email,
         profile_url: None,
+        links: Vec::new(),
     }
 }
 

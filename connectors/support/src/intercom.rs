@@ -551,6 +551,7 @@ impl IntercomSource {
             display_name: raw.name.as_deref().map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned),
             email: raw.email.as_deref().and_then(email),
             profile_url,
+            links: Vec::new(),
         }
     }
 

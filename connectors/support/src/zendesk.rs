@@ -693,6 +693,7 @@ impl ZendeskSource {
             display_name: user.and_then(|user| text(user.name.as_ref())),
             email: user.and_then(|user| text(user.email.as_ref())),
             profile_url: (id > 0).then(|| self.user_web_url(id)),
+            links: Vec::new(),
         }
     }
 }

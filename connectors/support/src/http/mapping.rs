@@ -307,6 +307,7 @@ impl Mapper<'_> {
                 display_name: text("author_name", fields.author_name.as_ref(), item)?,
                 email: text("author_email", fields.author_email.as_ref(), item)?,
                 profile_url: text("author_url", fields.author_url.as_ref(), item)?,
+                links: Vec::new(),
             },
             title,
             body,
