@@ -6,15 +6,16 @@
 //! one to a CRM contact, and a contact is one person. An unlinked identity
 //! is resolved, in order, by: an administrator's link (`tributary identity
 //! link`, also to a handle not seen yet), an approved pair whose other side
-//! has a contact, the same e-mail seen on another platform, the CRM (an
+//! has a contact, a platform's own cross-link (a profile naming the account
+//! elsewhere, `Author::links`), the same e-mail seen on another platform, the CRM (an
 //! upsert or search by e-mail, then the contact's per-platform handle
 //! property), and last a new contact (`unknown_authors = "create"`) or
 //! nothing (`"skip"`). Every resolution is stored as a link, so each author
 //! costs CRM look-ups once.
 //!
 //! Weak evidence never merges: a newly linked identity that shares a display
-//! name or a similar handle with an identity on another platform of another
-//! contact goes to the review queue (`tributary identity pending`).
+//! name, a similar handle or a website with an identity on another platform
+//! of another contact goes to the review queue (`tributary identity pending`).
 //! Approving a pair, or linking two identities by hand, merges their
 //! contacts in the CRM (the activities move, none is copied) and then here.
 
@@ -72,6 +73,24 @@ async fn linked_locally(store: &dyn StateStore, c: &Contribution) -> Result<Opti
         for partner in store.approved_partners(key).await? {
             if let Some(contact) = store.identity(&partner).await? {
                 return Ok(Some((contact, "approved")));
+            }
+        }
+    }
+    // The platforms' own cross-links: an account this author's profile names,
+    // or a profile elsewhere that names this account.
+    for link in c.author.links.iter().filter(|l| !l.starts_with("http")) {
+        let Some((platform, handle)) = link.split_once(':') else { continue };
+        for profile in store.find_profiles(platform, handle).await? {
+            if let Some(contact) = profile.contact_id {
+                return Ok(Some((contact, "cross-link")));
+            }
+        }
+    }
+    for account in [&c.author.id].into_iter().chain(c.author.handle.as_ref()) {
+        let account = format!("{}:{}", c.platform, account.trim_start_matches('@'));
+        for profile in store.profiles_linking_to(&account).await? {
+            if let Some(contact) = profile.contact_id.filter(|_| profile.identity != identity) {
+                return Ok(Some((contact, "cross-link")));
             }
         }
     }
@@ -469,5 +488,40 @@ mod tests {
         assert_eq!(found.as_deref(), Some("3"), "a created contact carries the handle");
 
         check(UnknownAuthors::Skip, &contributions, &["contact 1", "contact 2", "skip", "skip", "skip"]).await;
+    }
+
+    #[tokio::test]
+    async fn cross_links_link_and_a_shared_website_waits_for_review() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let crm = FileCrm::new(FileCrmConfig { path: dir.path().join("crm.json") }).unwrap();
+        let mut github = by("github", "1", "alice", None);
+        github.author.links = vec!["https://alice.dev".into(), "x:alice_x".into()];
+        let x = by("x", "99", "alice_x", None);
+        let mut forum = by("discourse", "5", "al", None);
+        forum.author.display_name = Some("A.".into());
+        forum.author.links = vec!["https://alice.dev".into()];
+        let mut resolved = Vec::new();
+        // One at a time, as they would arrive.
+        for c in [&github, &x, &forum] {
+            let mut stored = c.clone();
+            stored.external_id = format!("{}-{}", c.platform, c.author.id);
+            store.commit_page("s", vec![stored], vec![], None).await.unwrap();
+            let got = resolve(&store, &crm, UnknownAuthors::Create, &[c]).await.unwrap();
+            resolved.push(got[0].clone());
+        }
+        let Resolution::Contact(alice) = &resolved[0] else { panic!("{resolved:?}") };
+        assert_eq!(resolved[1], Resolution::Contact(alice.clone()), "the X account her GitHub profile names is hers");
+        assert_ne!(resolved[2], Resolution::Contact(alice.clone()), "a shared website alone links nobody");
+        let pending = store.reviews(Some("pending")).await.unwrap();
+        assert_eq!(pending.len(), 1, "{pending:#?}");
+        assert_eq!(pending[0].evidence, "same website https://alice.dev");
+        let sides = [pending[0].a.identity.as_str(), pending[0].b.identity.as_str()];
+        assert!(sides.contains(&"discourse:5") && sides.contains(&"github:1"), "{sides:?}");
+
+        // Approving merges the two contacts; the queue is empty.
+        approve(&store, &crm, pending[0].id).await.unwrap();
+        assert!(store.reviews(Some("pending")).await.unwrap().is_empty());
+        assert_eq!(store.identity("discourse:5").await.unwrap(), store.identity("github:1").await.unwrap());
     }
 }

@@ -131,6 +131,8 @@ pub struct Profile {
     pub last_seen: DateTime<Utc>,
     /// The CRM contact the identity is linked to, once resolved.
     pub contact_id: Option<String>,
+    /// Accounts (`platform:handle`) and websites the profile names.
+    pub links: Vec<String>,
 }
 
 /// A pair of identities that may be one person, on weak evidence.
@@ -256,6 +258,8 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     /// Identities of `platform` whose user id or handle is `id_or_handle`
     /// (case-insensitive, a leading `@` or `u/` ignored).
     async fn find_profiles(&self, platform: &str, id_or_handle: &str) -> Result<Vec<Profile>, StateError>;
+    /// Identities whose profile names `account` (`platform:handle`, case-insensitive).
+    async fn profiles_linking_to(&self, account: &str) -> Result<Vec<Profile>, StateError>;
     /// Identities that gave this e-mail (case-insensitive).
     async fn profiles_by_email(&self, email: &str) -> Result<Vec<Profile>, StateError>;
     /// Identities linked to a contact.

@@ -144,6 +144,7 @@ const MIGRATIONS: &[&str] = &[
         display_name TEXT,
         email TEXT,
         profile_url TEXT,
+        links TEXT,
         first_seen INTEGER NOT NULL,
         last_seen INTEGER NOT NULL
     );
@@ -377,12 +378,17 @@ fn record_profile(tx: &Transaction<'_>, contribution: &Contribution) -> Result<(
     }
     let seen = contribution.created_at.timestamp_millis();
     let email = author.email.as_deref().map(|e| e.trim().to_lowercase()).filter(|e| !e.is_empty());
+    let links = match author.links.is_empty() {
+        true => None,
+        false => Some(serde_json::to_string(&author.links).map_err(|e| StateError::Other(e.to_string()))?),
+    };
     tx.prepare_cached(
-        "INSERT INTO profiles (identity, platform, user_id, handle, display_name, email, profile_url, first_seen, last_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+        "INSERT INTO profiles (identity, platform, user_id, handle, display_name, email, profile_url, links, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
          ON CONFLICT (identity) DO UPDATE SET
            handle = COALESCE(excluded.handle, handle), display_name = COALESCE(excluded.display_name, display_name),
            email = COALESCE(excluded.email, email), profile_url = COALESCE(excluded.profile_url, profile_url),
+           links = COALESCE(excluded.links, links),
            first_seen = MIN(first_seen, excluded.first_seen), last_seen = MAX(last_seen, excluded.last_seen)",
     )?
     .execute(params![
@@ -393,6 +399,7 @@ fn record_profile(tx: &Transaction<'_>, contribution: &Contribution) -> Result<(
         author.display_name,
         email,
         author.profile_url,
+        links,
         seen
     ])?;
     Ok(())
@@ -455,7 +462,7 @@ fn placeholders(n: usize) -> String {
 }
 
 const PROFILE_COLUMNS: &str = "p.identity, p.platform, p.user_id, p.handle, p.display_name, p.email, p.profile_url,
-    p.first_seen, p.last_seen, (SELECT contact_id FROM identities i WHERE i.identity = p.identity)";
+    p.first_seen, p.last_seen, (SELECT contact_id FROM identities i WHERE i.identity = p.identity), p.links";
 
 fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Profile> {
     Ok(Profile {
@@ -469,6 +476,10 @@ fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Profile> {
         first_seen: from_ms(r.get(7)?),
         last_seen: from_ms(r.get(8)?),
         contact_id: r.get(9)?,
+        links: r
+            .get::<_, Option<String>>(10)?
+            .and_then(|links| serde_json::from_str(&links).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -492,6 +503,7 @@ fn bare_profile(identity: &str) -> Profile {
         first_seen: DateTime::<Utc>::default(),
         last_seen: DateTime::<Utc>::default(),
         contact_id: None,
+        links: Vec::new(),
     }
 }
 
@@ -984,6 +996,20 @@ impl StateStore for SqliteStore {
         .await
     }
 
+    async fn profiles_linking_to(&self, account: &str) -> Result<Vec<Profile>, StateError> {
+        let account = account.trim().to_lowercase();
+        self.with(move |conn| {
+            let mut query = conn.prepare(&format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles p
+                 WHERE p.links IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(p.links) l WHERE lower(l.value) = ?1)
+                 ORDER BY p.identity"
+            ))?;
+            let found = query.query_map([account], profile_row)?.collect::<Result<_, _>>()?;
+            Ok(found)
+        })
+        .await
+    }
+
     async fn profiles_by_email(&self, email: &str) -> Result<Vec<Profile>, StateError> {
         let email = email.trim().to_lowercase();
         self.with(move |conn| {
@@ -1013,24 +1039,29 @@ impl StateStore for SqliteStore {
         self.with(move |conn| {
             let Some(me) = profile(conn, &identity)? else { return Ok(0) };
             let similar = |column: &str| SIMILAR_HANDLE_SQL.replace("{}", column);
+            let same_website = "(SELECT a.value FROM json_each(COALESCE(p.links, '[]')) a, json_each(COALESCE(?5, '[]')) b
+                 WHERE a.value = b.value AND a.value LIKE 'http%' LIMIT 1)";
             let mut query = conn.prepare(&format!(
                 "SELECT {PROFILE_COLUMNS},
                    length(trim(COALESCE(?2, ''))) >= 3 AND lower(trim(p.display_name)) = lower(trim(?2)),
-                   length({me_handle}) >= 4 AND {their_handle} = {me_handle}
+                   length({me_handle}) >= 4 AND {their_handle} = {me_handle},
+                   {same_website}
                  FROM profiles p
                  WHERE p.platform != ?3 AND p.identity != ?1
                    AND ((length(trim(COALESCE(?2, ''))) >= 3 AND lower(trim(p.display_name)) = lower(trim(?2)))
-                     OR (length({me_handle}) >= 4 AND {their_handle} = {me_handle}))",
+                     OR (length({me_handle}) >= 4 AND {their_handle} = {me_handle})
+                     OR {same_website} IS NOT NULL)",
                 me_handle = similar("?4"),
                 their_handle = similar("p.handle"),
             ))?;
-            let candidates: Vec<(Profile, bool, bool)> = query
-                .query_map(params![identity, me.display_name, me.platform, me.handle], |r| {
-                    Ok((profile_row(r)?, r.get(10)?, r.get(11)?))
+            let my_links = (!me.links.is_empty()).then(|| serde_json::to_string(&me.links).unwrap_or_default());
+            let candidates: Vec<(Profile, bool, bool, Option<String>)> = query
+                .query_map(params![identity, me.display_name, me.platform, me.handle, my_links], |r| {
+                    Ok((profile_row(r)?, r.get(11)?, r.get(12)?, r.get(13)?))
                 })?
                 .collect::<Result<_, _>>()?;
             let mut queued = 0;
-            for (other, same_name, same_handle) in candidates {
+            for (other, same_name, same_handle, website) in candidates {
                 // Both sides resolved, to different contacts: an unresolved
                 // side may still land on the same one, and is checked when it does.
                 if me.contact_id.is_none() || other.contact_id.is_none() || other.contact_id == me.contact_id {
@@ -1039,6 +1070,9 @@ impl StateStore for SqliteStore {
                 let mut evidence = Vec::new();
                 if same_name {
                     evidence.push(format!("same display name \"{}\"", me.display_name.as_deref().unwrap_or("")));
+                }
+                if let Some(website) = website {
+                    evidence.push(format!("same website {website}"));
                 }
                 if same_handle {
                     evidence.push(format!(
