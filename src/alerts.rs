@@ -53,8 +53,9 @@
 //!  "contact": {"id": "12345", "url": "https://app.hubspot.com/contacts/1/record/0-1/12345"}}
 //! ```
 //!
-//! Requests to `webhook` are not signed yet: a rule with `secret` is
-//! refused when built.
+//! With a `secret`, requests to `webhook` carry `Tributary-Signature:
+//! t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, as the webhook
+//! CRM sink signs its own (`tributary_sdk::signature`).
 //!
 //! In Slack and Mattermost `@` followed by a name in user text gets a zero
 //! width space after it, so a post cannot notify `@channel`, `@here`, `@all`
@@ -85,7 +86,10 @@ use serde_json::{Value, json};
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tributary_sdk::{Contribution, Crm, CrmError, HttpClient, HttpError, HttpOptions, Intent, SecretRef};
+use tributary_sdk::{
+    Contribution, Crm, CrmError, HttpClient, HttpError, HttpOptions, Intent, SecretRef,
+    signature::{SIGNATURE_HEADER, Signer},
+};
 use url::Url;
 
 use crate::state::{AlertOutcome, PendingAlert, StateError, StateStore};
@@ -187,8 +191,8 @@ pub struct AlertRuleConfig {
     /// alerts it queued before are given up when their turn comes.
     #[serde(default = "default_enabled")]
     pub enabled: bool,
-    /// `webhook` only: the key that would sign requests (HMAC-SHA256).
-    /// Not supported yet: a rule that sets it is refused.
+    /// `webhook` only: the key (16 bytes at least) that signs requests with
+    /// HMAC-SHA256 in the `Tributary-Signature` header.
     #[serde(default)]
     pub secret: Option<SecretRef>,
 }
@@ -280,6 +284,8 @@ struct Rule {
     /// Property -> allowed values, trimmed and lowercased.
     contact: BTreeMap<String, Vec<String>>,
     http: HttpClient,
+    /// Signs `webhook` requests when the rule has a `secret`.
+    signer: Option<Signer>,
     bucket: Mutex<Bucket>,
 }
 
@@ -303,16 +309,19 @@ impl fmt::Debug for Rule {
 impl Rule {
     fn build(name: &str, config: &AlertRuleConfig) -> Result<Rule, AlertError> {
         let invalid = |key: &'static str, message: String| AlertError::Config { rule: name.to_owned(), key, message };
-        if config.secret.is_some() {
-            return Err(invalid(
-                "secret",
-                if config.destination == Destination::Webhook {
-                    "signed alert webhooks are not supported yet; remove `secret`".to_owned()
-                } else {
-                    format!("only `destination = \"webhook\"` signs its requests, not `{}`", config.destination)
-                },
-            ));
-        }
+        let signer = match (&config.secret, config.destination) {
+            (None, _) => None,
+            (Some(secret), Destination::Webhook) => {
+                let secret = secret.resolve().map_err(|error| invalid("secret", error.to_string()))?;
+                Some(Signer::new(&secret).map_err(|error| invalid("secret", error.to_string()))?)
+            }
+            (Some(_), other) => {
+                return Err(invalid(
+                    "secret",
+                    format!("only `destination = \"webhook\"` signs its requests, not `{other}`"),
+                ));
+            }
+        };
         if config.max_per_hour == 0 {
             return Err(invalid("max_per_hour", "must be at least 1 (set `enabled = false` to mute a rule)".into()));
         }
@@ -383,6 +392,7 @@ impl Rule {
             sources: config.sources.iter().map(|source| source.trim().to_owned()).collect(),
             contact,
             http,
+            signer,
             bucket: Mutex::new(Bucket::per_hour(config.max_per_hour)),
         })
     }
@@ -705,7 +715,11 @@ impl Alerts {
             Ok(bytes) => bytes,
             Err(error) => return AlertOutcome::Failed { error: format!("cannot encode the alert: {error}") },
         };
-        let request = rule.http.post(rule.url.0.clone()).header("content-type", "application/json").body(bytes);
+        let mut request = rule.http.post(rule.url.0.clone()).header("content-type", "application/json");
+        if let Some(signer) = &rule.signer {
+            request = request.header(SIGNATURE_HEADER, signer.sign(Utc::now().timestamp(), &bytes));
+        }
+        let request = request.body(bytes);
         let failure =
             |what: String| format!("alert rule `{}`: {} at {}: {what}", rule.name, rule.destination, rule.host);
         match rule.http.send_once(request).await {
@@ -1564,6 +1578,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_webhook_with_a_secret_signs_its_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let secret = dir.path().join("alert-secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        let toml_text = format!(
+            "[alerts.unhappy]\ndestination = \"webhook\"\nurl = $URL\nsecret = {{ file = {:?} }}",
+            secret.display().to_string()
+        );
+        let rules = rules(dir.path(), &hook_url(&server), &toml_text);
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        alerts.consider(&[(complaint(), "c1".to_owned())]).await.unwrap();
+        assert_eq!(alerts.send_due().await.unwrap().sent, 1);
+        let requests = server.received_requests().await.unwrap();
+        let signature = requests[0].headers.get(SIGNATURE_HEADER).unwrap().to_str().unwrap();
+        let timestamp: i64 = signature.split(',').next().unwrap().trim_start_matches("t=").parse().unwrap();
+        let signer = Signer::new(&secrecy::SecretString::from("0123456789abcdef0123")).unwrap();
+        assert_eq!(signature, signer.sign(timestamp, &requests[0].body));
+        assert!(!format!("{alerts:?}").contains("0123456789"));
+    }
+
+    #[tokio::test]
     async fn over_the_rate_limit_alerts_stay_queued() {
         let dir = tempfile::tempdir().unwrap();
         let server = hook(200, "ok").await;
@@ -1725,8 +1761,8 @@ mod tests {
             ),
             (
                 https.clone(),
-                "destination = \"webhook\"\nurl = $URL\nsecret = { env = \"S\" }".into(),
-                "`secret`: signed alert webhooks are not supported yet",
+                "destination = \"webhook\"\nurl = $URL\nsecret = { env = \"TRIBUTARY_TEST_UNSET_SECRET\" }".into(),
+                "`secret`: environment variable `TRIBUTARY_TEST_UNSET_SECRET` is not set",
             ),
             (format!("http://hooks.example.com{HOOK_PATH}"), slack.into(), "`url`: must be https"),
             (format!("ftp://hooks.example.com{HOOK_PATH}"), slack.into(), "`url`: must be an https URL, not `ftp:`"),

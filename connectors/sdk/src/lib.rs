@@ -11,6 +11,7 @@ pub mod http;
 pub mod model;
 pub mod oauth;
 pub mod secret;
+pub mod signature;
 pub mod source;
 pub mod text;
 
