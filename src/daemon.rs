@@ -541,8 +541,16 @@ async fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "total: backlog {}, delivered {}, dead letters {}, quarantined {}, linked identities {}",
-        totals.backlog, totals.delivered, totals.dead_letters, totals.quarantined, totals.identities
+        "total: backlog {}, delivered {}, dead letters {}, quarantined {}, linked identities {}, \
+         identity pairs to review {}, alerts queued {}, alerts failed {}",
+        totals.backlog,
+        totals.delivered,
+        totals.dead_letters,
+        totals.quarantined,
+        totals.identities,
+        totals.pending_reviews,
+        totals.alerts_pending,
+        totals.alerts_failed
     );
     Ok(())
 }
@@ -570,8 +578,13 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
             println!("{count} dead letter(s) back in the outbox");
             if count > 0 {
                 let crm = registry::build_crm(&config.crm, store.clone())?;
-                let worker = Worker::new(store.clone(), crm, delivery_settings(config), owner_id(), None);
+                let alerts = build_alerts(config, &store, &crm)?;
+                let mut worker = Worker::new(store.clone(), crm, delivery_settings(config), owner_id(), None);
+                if let Some(alerts) = &alerts {
+                    worker = worker.with_alerts(alerts.clone(), Arc::new(Notify::new()));
+                }
                 let stats = worker.drain(&CancellationToken::new()).await?;
+                send_alerts(alerts.as_ref()).await?;
                 println!(
                     "delivered {}, retry later {}, dead {}, skipped {}",
                     stats.delivered, stats.retried, stats.dead, stats.skipped

@@ -173,6 +173,9 @@ async fn prometheus(State(app): State<AppState>) -> impl IntoResponse {
         metrics::gauge!("tributary_dead_letters").set(totals.dead_letters as f64);
         metrics::gauge!("tributary_quarantined").set(totals.quarantined as f64);
         metrics::gauge!("tributary_identities").set(totals.identities as f64);
+        metrics::gauge!("tributary_identity_reviews_pending").set(totals.pending_reviews as f64);
+        metrics::gauge!("tributary_alerts_pending").set(totals.alerts_pending as f64);
+        metrics::gauge!("tributary_alerts_failed").set(totals.alerts_failed as f64);
     }
     if let Ok(states) = app.store.source_states().await {
         for state in states {

@@ -147,6 +147,8 @@ fn one_person_across_communities_is_one_contact_and_lookalikes_wait_for_review()
     assert!(queued.iter().all(|r| r["evidence"].as_str().is_some_and(|e| e.contains("same display name"))));
     let priya = contact_of(&record, |c| c["name"] == "Priya Natarajan");
     assert_eq!(priya.len(), 2, "not merged before a person decides");
+    let status = setup.run(&["status"], &[]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("identity pairs to review 2"), "{status:?}");
     let activities_before = activities_by_contact(&record).values().map(Vec::len).sum::<usize>();
 
     // Approving Priya's pair merges the contacts; the activities move, none is copied.

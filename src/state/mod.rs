@@ -114,6 +114,12 @@ pub struct Totals {
     pub delivered: u64,
     pub quarantined: u64,
     pub identities: u64,
+    /// Pairs waiting in the identity review queue.
+    pub pending_reviews: u64,
+    /// Alerts queued, not sent yet.
+    pub alerts_pending: u64,
+    /// Alerts given up (the destination refused them).
+    pub alerts_failed: u64,
 }
 
 /// A platform identity as last seen in a contribution.

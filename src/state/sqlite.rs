@@ -1597,7 +1597,10 @@ impl StateStore for SqliteStore {
                         (SELECT COUNT(*) FROM outbox WHERE status = 'dead'),
                         (SELECT COUNT(*) FROM activities),
                         (SELECT COUNT(*) FROM quarantine),
-                        (SELECT COUNT(*) FROM identities)",
+                        (SELECT COUNT(*) FROM identities),
+                        (SELECT COUNT(*) FROM identity_reviews WHERE status = 'pending'),
+                        (SELECT COUNT(*) FROM alerts WHERE status = 'pending'),
+                        (SELECT COUNT(*) FROM alerts WHERE status = 'failed')",
                 [],
                 |r| {
                     Ok(Totals {
@@ -1606,6 +1609,9 @@ impl StateStore for SqliteStore {
                         delivered: r.get::<_, i64>(2)? as u64,
                         quarantined: r.get::<_, i64>(3)? as u64,
                         identities: r.get::<_, i64>(4)? as u64,
+                        pending_reviews: r.get::<_, i64>(5)? as u64,
+                        alerts_pending: r.get::<_, i64>(6)? as u64,
+                        alerts_failed: r.get::<_, i64>(7)? as u64,
                     })
                 },
             )?)
