@@ -500,7 +500,8 @@ mod tests {
         let x = by("x", "99", "alice_x", None);
         let mut forum = by("discourse", "5", "al", None);
         forum.author.display_name = Some("A.".into());
-        forum.author.links = vec!["https://alice.dev".into()];
+        // Discourse stores websites as typed, often with `http://`.
+        forum.author.links = vec!["http://www.alice.dev/".into()];
         let mut resolved = Vec::new();
         // One at a time, as they would arrive.
         for c in [&github, &x, &forum] {
@@ -515,7 +516,7 @@ mod tests {
         assert_ne!(resolved[2], Resolution::Contact(alice.clone()), "a shared website alone links nobody");
         let pending = store.reviews(Some("pending")).await.unwrap();
         assert_eq!(pending.len(), 1, "{pending:#?}");
-        assert_eq!(pending[0].evidence, "same website https://alice.dev");
+        assert_eq!(pending[0].evidence, "same website http://www.alice.dev/");
         let sides = [pending[0].a.identity.as_str(), pending[0].b.identity.as_str()];
         assert!(sides.contains(&"discourse:5") && sides.contains(&"github:1"), "{sides:?}");
 

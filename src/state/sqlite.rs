@@ -1039,8 +1039,16 @@ impl StateStore for SqliteStore {
         self.with(move |conn| {
             let Some(me) = profile(conn, &identity)? else { return Ok(0) };
             let similar = |column: &str| SIMILAR_HANDLE_SQL.replace("{}", column);
-            let same_website = "(SELECT a.value FROM json_each(COALESCE(p.links, '[]')) a, json_each(COALESCE(?5, '[]')) b
-                 WHERE a.value = b.value AND a.value LIKE 'http%' LIMIT 1)";
+            // A website is the same with or without `https`, `www.` or a closing slash.
+            let site = |v: &str| {
+                format!("rtrim(replace(replace(replace(lower({v}), 'https://', ''), 'http://', ''), 'www.', ''), '/')")
+            };
+            let same_website = format!(
+                "(SELECT b.value FROM json_each(COALESCE(p.links, '[]')) a, json_each(COALESCE(?5, '[]')) b
+                 WHERE a.value LIKE 'http%' AND b.value LIKE 'http%' AND {} = {} LIMIT 1)",
+                site("a.value"),
+                site("b.value")
+            );
             let mut query = conn.prepare(&format!(
                 "SELECT {PROFILE_COLUMNS},
                    length(trim(COALESCE(?2, ''))) >= 3 AND lower(trim(p.display_name)) = lower(trim(?2)),

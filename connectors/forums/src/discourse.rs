@@ -26,6 +26,7 @@ use reqwest::header::HeaderValue;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tributary_sdk::text::website as website_link;
 use tributary_sdk::{
     Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
     Quarantined, SecretError, SecretRef, Source, SourceError, source::check_status, text::html_to_text,
@@ -57,6 +58,14 @@ pub struct DiscourseConfig {
     /// cached in memory; a failed lookup leaves the e-mail empty.
     #[serde(default)]
     pub lookup_emails: bool,
+    /// Read each author's public profile with `GET /u/{username}.json` and
+    /// fill their links with the website it names. One request per distinct
+    /// author per process run (answers are cached in memory); a profile that
+    /// is gone or hidden (404, 403) gives no links, another failure is logged
+    /// and tried again when the author next appears, and a rate limit fails
+    /// the poll so the page is fetched again.
+    #[serde(default)]
+    pub lookup_profiles: bool,
     /// Most pages (of 50 posts) one poll fetches. A first backfill without
     /// `since` stops there (older posts are left out); any other pass is
     /// paused and resumed by the next poll, so nothing newer is skipped.
@@ -117,6 +126,11 @@ pub struct DiscourseSource {
     /// Set once the forum refused an e-mail lookup (the key is not an admin's):
     /// no more lookups are tried.
     emails_refused: AtomicBool,
+    /// Username -> links of their profile (empty when the forum gave none,
+    /// or no profile), for `lookup_profiles`.
+    profiles: Mutex<HashMap<String, Vec<String>>>,
+    /// Set once a profile lookup was refused (403), so the hint is logged once.
+    profile_refusal_logged: AtomicBool,
 }
 
 /// What the cursor of a Discourse source holds.
@@ -176,6 +190,8 @@ impl DiscourseSource {
             headers,
             emails: Mutex::new(HashMap::new()),
             emails_refused: AtomicBool::new(false),
+            profiles: Mutex::new(HashMap::new()),
+            profile_refusal_logged: AtomicBool::new(false),
         })
     }
 
@@ -278,47 +294,62 @@ impl DiscourseSource {
         })
     }
 
-    /// Fills the authors' e-mail addresses (`lookup_emails`), one lookup per
-    /// username at most for the life of the source. A lookup that gives no
-    /// definite answer fails the page: committed without the e-mail, the
-    /// author would become a second contact beside their real one.
-    async fn fill_emails(&self, contributions: &mut [Contribution]) -> Result<(), SourceError> {
-        let mut wanted = HashSet::new();
+    /// Fills what the author lookups give (`lookup_emails`, `lookup_profiles`),
+    /// in one pass over the page's distinct usernames: at most one lookup of
+    /// each kind per username for the life of the source.
+    ///
+    /// An e-mail lookup that gives no definite answer fails the page:
+    /// committed without the e-mail, the author would become a second contact
+    /// beside their real one. A profile lookup fails the page only when
+    /// rate limited; any other failure leaves the links empty.
+    async fn fill_authors(&self, contributions: &mut [Contribution]) -> Result<(), SourceError> {
+        let mut seen = HashSet::new();
+        let mut wanted = Vec::new();
         for contribution in contributions.iter() {
             // Negative ids are Discourse's own bots (system, discobot).
             let user_id = contribution.author.id.rsplit('/').next().unwrap_or_default();
             let is_person = user_id.parse::<i64>().is_ok_and(|id| id > 0);
             if let Some(handle) = &contribution.author.handle
                 && is_person
+                && seen.insert(handle.as_str())
             {
-                wanted.insert(handle.clone());
+                wanted.push(handle.clone());
             }
         }
         for username in wanted {
-            if self.emails_refused.load(Ordering::Relaxed) {
-                break;
-            }
-            if self.cached_email(&username).is_some() {
-                continue;
-            }
-            match self.lookup_email(&username).await {
-                Lookup::Answer(email) => {
-                    self.lock_emails().insert(username, email);
+            let email_wanted = self.config.lookup_emails
+                && !self.emails_refused.load(Ordering::Relaxed)
+                && self.cached_email(&username).is_none();
+            if email_wanted {
+                match self.lookup_email(&username).await {
+                    Lookup::Answer(email) => {
+                        self.lock_emails().insert(username.clone(), email);
+                    }
+                    // `emails_refused` is set: no more e-mail lookups.
+                    Lookup::Refused => {}
+                    Lookup::Failed(error) => {
+                        return Err(SourceError::Incomplete(format!(
+                            "the e-mail of `{username}` could not be looked up: {error}"
+                        )));
+                    }
                 }
-                Lookup::Refused => break,
-                Lookup::Failed(error) => {
-                    return Err(SourceError::Incomplete(format!(
-                        "the e-mail of `{username}` could not be looked up: {error}"
-                    )));
-                }
+            }
+            if self.config.lookup_profiles
+                && !self.has_profile(&username)
+                && let Some(links) = self.lookup_profile(&username).await?
+            {
+                self.lock_profiles().insert(username, links);
             }
         }
-        let cache = self.lock_emails();
+        let emails = self.lock_emails();
+        let profiles = self.lock_profiles();
         for contribution in contributions.iter_mut() {
-            if let Some(handle) = &contribution.author.handle
-                && let Some(Some(email)) = cache.get(handle)
-            {
+            let Some(handle) = &contribution.author.handle else { continue };
+            if let Some(Some(email)) = emails.get(handle) {
                 contribution.author.email = Some(email.clone());
+            }
+            if let Some(links) = profiles.get(handle) {
+                contribution.author.links.clone_from(links);
             }
         }
         Ok(())
@@ -363,6 +394,84 @@ impl DiscourseSource {
             .and_then(|body| body.get("email").and_then(Value::as_str).map(str::to_owned))
             .filter(|email| email.contains('@'));
         Lookup::Answer(email)
+    }
+
+    fn lock_profiles(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+        self.profiles.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn has_profile(&self, username: &str) -> bool {
+        self.lock_profiles().contains_key(username)
+    }
+
+    /// The links of `username`'s public profile (`GET /u/{username}.json`):
+    /// `Some` is an answer worth caching (empty when the profile names no
+    /// website, is gone or is hidden), `None` a failure to try again when the
+    /// author next appears. Only a rate limit is an error: the page is then
+    /// fetched again rather than committed without the links.
+    async fn lookup_profile(&self, username: &str) -> Result<Option<Vec<String>>, SourceError> {
+        let url = self.endpoint(&["u", &format!("{username}.json")]);
+        let response = match self.get(url).await {
+            Ok(response) => response,
+            Err(error @ HttpError::RateLimited { .. }) => return Err(SourceError::Http(error)),
+            Err(error) => {
+                tracing::warn!(
+                    source = %self.instance, error = %without_body(&error),
+                    "discourse profile lookup failed; the author goes on without links"
+                );
+                return Ok(None);
+            }
+        };
+        let status = response.status.as_u16();
+        match status {
+            200..=299 => {}
+            404 => {
+                tracing::debug!(source = %self.instance, target = %response.target, "discourse has no such profile");
+                return Ok(Some(Vec::new()));
+            }
+            403 => {
+                if !self.profile_refusal_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        source = %self.instance, target = %response.target,
+                        "discourse refused a profile lookup (profiles hidden from the public, or an API key \
+                         without access to users?); such authors go on without links"
+                    );
+                }
+                return Ok(Some(Vec::new()));
+            }
+            _ => {
+                tracing::warn!(
+                    source = %self.instance, target = %response.target, status,
+                    "discourse profile lookup failed; the author goes on without links"
+                );
+                return Ok(None);
+            }
+        }
+        let body = match serde_json::from_slice::<Value>(&response.body) {
+            Ok(body) if body.get("user").is_some_and(Value::is_object) => body,
+            // Not a profile: the forum will not answer better on a retry.
+            _ => {
+                tracing::warn!(
+                    source = %self.instance, target = %response.target,
+                    "discourse answered a profile lookup without a `user`; the author goes on without links"
+                );
+                return Ok(Some(Vec::new()));
+            }
+        };
+        // `website` is left out when empty, and for new (trust level 0)
+        // users seen without an API key; a hidden profile has none either.
+        let website = body["user"].get("website").and_then(Value::as_str).and_then(website_link);
+        Ok(Some(website.into_iter().collect()))
+    }
+}
+
+/// An [`HttpError`] for a log line, without the body the server sent.
+fn without_body(error: &HttpError) -> String {
+    match error {
+        HttpError::Status { target, status, attempts, .. } => {
+            format!("{target} answered HTTP {status} after {attempts} attempt(s)")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -480,8 +589,8 @@ impl Source for DiscourseSource {
                 }
             }
         }
-        if self.config.lookup_emails {
-            self.fill_emails(&mut page.contributions).await?;
+        if self.config.lookup_emails || self.config.lookup_profiles {
+            self.fill_authors(&mut page.contributions).await?;
         }
 
         let top = pass.as_ref().map_or(newest.unwrap_or(0), |pass| pass.top);
@@ -955,6 +1064,10 @@ mod tests {
     /// A source with an API key read from a secret file (removed once
     /// the source is built: the key is resolved in `new`).
     fn keyed_source(server: &MockServer, name: &str, lookup_emails: bool) -> DiscourseSource {
+        keyed_source_with(server, name, |config| config.lookup_emails = lookup_emails)
+    }
+
+    fn keyed_source_with(server: &MockServer, name: &str, edit: impl FnOnce(&mut DiscourseConfig)) -> DiscourseSource {
         let dir = std::env::temp_dir().join(format!("tributary-forums-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("api_key");
@@ -962,7 +1075,7 @@ mod tests {
         let mut config = config(server);
         config.api_key = Some(SecretRef::File(file));
         config.api_username = "tributary".into();
-        config.lookup_emails = lookup_emails;
+        edit(&mut config);
         let source = source(config);
         std::fs::remove_dir_all(dir).unwrap();
         source
@@ -1053,6 +1166,229 @@ mod tests {
         assert!(error.to_string().contains("could not be looked up"), "{error}");
     }
 
+    /// A `/u/{username}.json` answer as Discourse gives it (abridged), with
+    /// `website` (and `website_name`) only when the profile names one.
+    fn profile(id: i64, username: &str, website: Option<&str>) -> ResponseTemplate {
+        let mut user = serde_json::json!({
+            "id": id,
+            "username": username,
+            "name": username.to_uppercase(),
+            "avatar_template": "/letter_avatar_proxy/v4/letter/d/47e85d/{size}.png",
+            "last_posted_at": "2019-10-23T18:26:31.281Z",
+            "last_seen_at": "2019-10-24T16:51:12.095Z",
+            "created_at": "2019-04-02T20:22:57.000Z",
+            "ignored": false,
+            "muted": false,
+            "can_send_private_message_to_user": true,
+            "trust_level": 1,
+            "moderator": false,
+            "admin": false,
+            "title": null,
+            "badge_count": 3,
+            "profile_view_count": 12,
+            "profile_background_upload_url": null,
+            "card_background_upload_url": null,
+            "featured_user_badge_ids": [],
+            "invited_by": null,
+            "groups": [{"id": 11, "name": "trust_level_1", "automatic": true}]
+        });
+        if let Some(website) = website {
+            user["website"] = website.into();
+            user["website_name"] = website.trim_start_matches("https://").trim_start_matches("http://").into();
+        }
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({"user_badges": [], "user": user}))
+    }
+
+    async fn serve_profile(server: &MockServer, username: &str, response: ResponseTemplate, times: u64) {
+        Mock::given(method("GET"))
+            .and(path(format!("/u/{username}.json")))
+            .respond_with(response)
+            .expect(times)
+            .mount(server)
+            .await;
+    }
+
+    fn profile_requests(requests: &[wiremock::Request]) -> Vec<String> {
+        requests.iter().map(|r| r.url.path().to_owned()).filter(|path| path.starts_with("/u/")).collect()
+    }
+
+    fn public_source_with_profiles(server: &MockServer) -> DiscourseSource {
+        let mut config = config(server);
+        config.lookup_profiles = true;
+        source(config)
+    }
+
+    #[tokio::test]
+    async fn lookup_profiles_fills_the_website_once_per_username() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        serve_profile(&server, "d11", profile(2, "d11", Some("http://d11.example.org/blog")), 1).await;
+        serve_profile(&server, "dl-proto", profile(3, "dl-proto", None), 1).await;
+        let source = public_source_with_profiles(&server);
+        for _ in 0..2 {
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            assert_eq!(page.contributions.len(), 12);
+            for c in page.contributions.iter().filter(|c| c.author.handle.as_deref() == Some("d11")) {
+                assert_eq!(c.author.links, ["http://d11.example.org/blog"], "{}", c.external_id);
+                assert_eq!(c.author.email, None, "profiles give no e-mail");
+            }
+            assert!(find(&page, "17").author.links.is_empty(), "a profile without a website");
+            assert!(find(&page, "10").author.links.is_empty());
+        }
+        // Seven posts of d11, two of dl-proto, two polls: one request each.
+        // The system user (id -1) is never looked up.
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(profile_requests(&requests), ["/u/d11.json", "/u/dl-proto.json"]);
+        // No key configured: none sent.
+        assert!(requests.iter().all(|r| !r.headers.contains_key("Api-Key")));
+    }
+
+    #[tokio::test]
+    async fn profiles_and_emails_are_looked_up_together_with_the_key() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        for (username, id, website) in [("d11", 2, "d11.example.org"), ("dl-proto", 3, "https://Proto.Example.com/")] {
+            Mock::given(method("GET"))
+                .and(path(format!("/u/{username}.json")))
+                .and(header("Api-Key", "k3y-0f-th3-f0rum"))
+                .and(header("Api-Username", "tributary"))
+                .respond_with(profile(id, username, Some(website)))
+                .expect(1)
+                .mount(&server)
+                .await;
+            Mock::given(method("GET"))
+                .and(path(format!("/u/{username}/emails.json")))
+                .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                    "email": format!("{username}@example.com"), "secondary_emails": [], "unconfirmed_emails": []
+                })))
+                .expect(1)
+                .mount(&server)
+                .await;
+        }
+        let source = keyed_source_with(&server, "profiles", |config| {
+            config.lookup_emails = true;
+            config.lookup_profiles = true;
+        });
+        for _ in 0..2 {
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            let d11 = &find(&page, "29").author;
+            assert_eq!(d11.email.as_deref(), Some("d11@example.com"));
+            assert_eq!(d11.links, ["https://d11.example.org"]);
+            let proto = &find(&page, "16").author;
+            assert_eq!(proto.email.as_deref(), Some("dl-proto@example.com"));
+            assert_eq!(proto.links, ["https://proto.example.com"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gone_or_hidden_profile_gives_no_links_and_is_not_asked_again() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        let gone = ResponseTemplate::new(404)
+            .set_body_json(serde_json::json!({"errors": ["The requested URL or resource could not be found."], "error_type": "not_found"}));
+        let hidden = ResponseTemplate::new(403)
+            .set_body_json(serde_json::json!({"errors": ["You are not permitted to view the requested resource."], "error_type": "invalid_access"}));
+        serve_profile(&server, "d11", gone, 1).await;
+        serve_profile(&server, "dl-proto", hidden, 1).await;
+        let source = public_source_with_profiles(&server);
+        for _ in 0..2 {
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            assert_eq!(page.contributions.len(), 12, "no item is dropped");
+            assert!(page.quarantined.is_empty());
+            assert!(page.contributions.iter().all(|c| c.author.links.is_empty()));
+        }
+
+        // A profile hidden by its owner answers 200 with no website.
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        let hidden = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "user_badges": [],
+            "user": {"id": 2, "username": "d11", "name": "D", "avatar_template": "/a/{size}.png", "profile_hidden": true}
+        }));
+        serve_profile(&server, "d11", hidden, 1).await;
+        serve_profile(&server, "dl-proto", profile(3, "dl-proto", Some("")), 1).await;
+        let source = public_source_with_profiles(&server);
+        for _ in 0..2 {
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            assert!(page.contributions.iter().all(|c| c.author.links.is_empty()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_profile_lookup_fails_the_poll_and_the_page_comes_again_whole() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        Mock::given(method("GET"))
+            .and(path_regex("^/u/[^/]+\\.json$"))
+            .respond_with(
+                ResponseTemplate::new(429).set_body_string("Slow down, too many requests from this IP address."),
+            )
+            .up_to_n_times(1)
+            .expect(1)
+            .mount(&server)
+            .await;
+        serve_profile(&server, "d11", profile(2, "d11", Some("https://d11.example.org")), 1).await;
+        serve_profile(&server, "dl-proto", profile(3, "dl-proto", None), 1).await;
+        let source = public_source_with_profiles(&server);
+
+        let error = source.poll(&PollRequest::default()).await.unwrap_err();
+        assert!(matches!(error, SourceError::Http(HttpError::RateLimited { .. })), "{error:?}");
+
+        let page = source.poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(page.contributions.len(), 12);
+        assert_eq!(find(&page, "29").author.links, ["https://d11.example.org"]);
+        assert_eq!(cursor(&page), DiscourseCursor { watermark: 29, pass: None });
+    }
+
+    #[tokio::test]
+    async fn a_failed_profile_lookup_leaves_no_links_and_is_tried_again() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        serve_profile(&server, "d11", ResponseTemplate::new(502).set_body_string("<html>Bad gateway</html>"), 2).await;
+        serve_profile(&server, "dl-proto", ResponseTemplate::new(200).set_body_string("<html>maintenance</html>"), 1)
+            .await;
+        let source = public_source_with_profiles(&server);
+        for _ in 0..2 {
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            assert_eq!(page.contributions.len(), 12, "no item is dropped");
+            assert!(page.contributions.iter().all(|c| c.author.links.is_empty()));
+        }
+        // The 502 is asked again on the next poll, the unreadable answer is not.
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(profile_requests(&requests), ["/u/d11.json", "/u/dl-proto.json", "/u/d11.json"]);
+    }
+
+    #[tokio::test]
+    async fn no_profile_lookup_when_the_option_is_off() {
+        let server = MockServer::start().await;
+        serve(&server, fixture().response()).await;
+        Mock::given(method("GET"))
+            .and(path_regex("^/u/[^/]+\\.json$"))
+            .respond_with(profile(2, "d11", Some("https://d11.example.org")))
+            .expect(0)
+            .named("profile lookups")
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path_regex("^/u/[^/]+/emails\\.json$"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({"email": "someone@example.com"})))
+            .mount(&server)
+            .await;
+        let page = source(config(&server)).poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(page.contributions.len(), 12);
+        assert!(page.contributions.iter().all(|c| c.author.links.is_empty()));
+        let requests = server.received_requests().await.unwrap();
+        assert!(profile_requests(&requests).is_empty(), "nothing on /u/ at all");
+
+        // E-mail lookups on, profiles off: only e-mails are asked for.
+        let source = keyed_source(&server, "profiles-off", true);
+        let page = source.poll(&PollRequest::default()).await.unwrap();
+        assert_eq!(find(&page, "29").author.email.as_deref(), Some("someone@example.com"));
+        assert!(page.contributions.iter().all(|c| c.author.links.is_empty()));
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(profile_requests(&requests), ["/u/d11/emails.json", "/u/dl-proto/emails.json"]);
+    }
+
     #[tokio::test]
     async fn scripts_in_cooked_do_not_reach_the_body() {
         let server = MockServer::start().await;
@@ -1082,7 +1418,7 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(config.api_username, "system");
-        assert!(!config.lookup_emails && config.rescan_latest);
+        assert!(!config.lookup_emails && !config.lookup_profiles && config.rescan_latest);
         assert_eq!(config.max_pages_per_poll, 10);
         assert_eq!(config.api_key, Some(SecretRef::Env("DISCOURSE_KEY".into())));
         let unknown = serde_json::from_value::<DiscourseConfig>(serde_json::json!({

@@ -1,5 +1,7 @@
 //! Turning what platforms send into clean plain text.
 
+use url::Url;
+
 /// Plain text from HTML: tags dropped (script and style with their
 /// content), entities decoded, runs of blank lines folded.
 pub fn html_to_text(html: &str) -> String {
@@ -90,6 +92,50 @@ pub fn decimal(value: f64) -> Option<String> {
     })
 }
 
+/// The longest website kept; a longer one is no one's home page.
+pub const MAX_WEBSITE_CHARS: usize = 2048;
+
+/// A profile's website as a link: an `http(s)` address with a host
+/// (`https://` added when the scheme is missing), in the `url` crate's
+/// canonical form (lower-case scheme and host, no default port), without
+/// a fragment and without the lone `/` of a bare host, so the same site
+/// named on two platforms gives the same text. `None` for anything else:
+/// another scheme (`mailto:`, `javascript:`, `x:alice`), an address with
+/// credentials or spaces, an IP address or a host without a dot, an empty
+/// or overlong value.
+pub fn website(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if raw.is_empty() || raw.len() > MAX_WEBSITE_CHARS || raw.chars().any(char::is_whitespace) {
+        return None;
+    }
+    let mut url = match Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+        // `alice.dev:8080/blog` reads as the scheme `alice.dev`: a host and
+        // port without a scheme. Any other scheme is not a website.
+        Ok(url) if url.scheme().contains('.') && !raw.contains("://") => Url::parse(&format!("https://{raw}")).ok()?,
+        Ok(_) => return None,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            Url::parse(&format!("https://{}", raw.trim_start_matches('/'))).ok()?
+        }
+        Err(_) => return None,
+    };
+    // A named host: an address (`192.0.2.7`) or `localhost` is no one's site.
+    let host_ok = match url.host() {
+        Some(url::Host::Domain(domain)) => domain.trim_end_matches('.').contains('.'),
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) | None => false,
+    };
+    if !host_ok || !url.username().is_empty() || url.password().is_some() {
+        return None;
+    }
+    url.set_fragment(None);
+    let bare_host = url.path() == "/" && url.query().is_none();
+    let mut link = String::from(url);
+    if bare_host {
+        link.pop();
+    }
+    Some(link)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +161,56 @@ mod tests {
             escape_html("<script>alert(\"x\")</script> & 'y'"),
             "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
         );
+    }
+
+    #[test]
+    fn websites_are_normalised() {
+        fn check(raw: &str, expected: Option<&str>) {
+            assert_eq!(website(raw).as_deref(), expected, "{raw:?}");
+        }
+        let cases: &[(&str, Option<&str>)] = &[
+            // Kept as given, in canonical form.
+            ("https://alice.dev/blog", Some("https://alice.dev/blog")),
+            ("http://alice.dev", Some("http://alice.dev")),
+            ("https://alice.dev/", Some("https://alice.dev")),
+            ("  HTTPS://Alice.DEV/Posts?page=2  ", Some("https://alice.dev/Posts?page=2")),
+            ("https://alice.dev:443/#about", Some("https://alice.dev")),
+            ("https://alice.dev:8443/x", Some("https://alice.dev:8443/x")),
+            ("https://bücher.example/", Some("https://xn--bcher-kva.example")),
+            // The scheme added when missing.
+            ("alice.dev", Some("https://alice.dev")),
+            ("www.alice.dev/about/", Some("https://www.alice.dev/about/")),
+            ("//alice.dev/x", Some("https://alice.dev/x")),
+            ("alice.dev:8080/blog", Some("https://alice.dev:8080/blog")),
+            // Not a website.
+            ("", None),
+            ("   ", None),
+            ("alice", None),
+            ("localhost:3000", None),
+            ("https://localhost/", None),
+            ("/u/alice", None),
+            ("x:alice", None),
+            ("github:alice", None),
+            ("mailto:alice@alice.dev", None),
+            ("javascript:alert(1)", None),
+            ("ftp://files.alice.dev", None),
+            ("file:///etc/passwd", None),
+            ("https://alice:s3cret@alice.dev", None),
+            ("https://", None),
+            ("https://alice dev", None),
+            ("https://alice.dev/my blog", None),
+            ("http://192.0.2.7/home", None),
+            ("N/A", None),
+            ("me@example.com", None),
+            ("https://[2001:db8::1]/", None),
+        ];
+        for (raw, expected) in cases {
+            check(raw, *expected);
+        }
+        check(&format!("https://alice.dev/{}", "a".repeat(MAX_WEBSITE_CHARS)), None);
+        // Whatever the profile says, a link never reads as an account (`platform:handle`).
+        for (raw, _) in cases {
+            assert!(website(raw).is_none_or(|link| link.starts_with("http")), "{raw:?}");
+        }
     }
 }

@@ -48,8 +48,25 @@
 //! Offset pages can shift while a pass pages through them (an item updated
 //! meanwhile moves to the end); GitHub offers no keyset paging on these
 //! endpoints, so an item may be missed until its next update.
+//!
+//! Profiles ([`GitHubConfig::lookup_profiles`], off by default): the author
+//! of each contribution who is a person (`type: "User"`, not a bot) has
+//! their profile read once per source instance, `GET /users/{login}`, and
+//! the answer (a `404` included) is kept in memory. The profile's public
+//! e-mail fills [`Author::email`]; its website (`blog`, as an `http(s)`
+//! address) and X account (`twitter_username`, as `x:{name}`) fill
+//! [`Author::links`], in that order. A profile whose `id` is not the
+//! author's (the login changed hands) is not used. A rate-limited lookup
+//! fails the poll like a rate-limited page, so the page is fetched again
+//! once the limit ends; any other failed lookup is logged and the page goes
+//! on without that profile.
 
-use std::{cmp::max, collections::BTreeMap, time::Duration};
+use std::{
+    cmp::max,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Mutex, MutexGuard},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -57,6 +74,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tributary_sdk::text::website;
 use tributary_sdk::{
     Author, Contribution, Cursor, HttpClient, HttpError, HttpOptions, HttpResponse, Kind, Page, PollRequest,
     Quarantined, SecretError, SecretRef, Source, SourceError, http::safe_target, source::check_status, text::tidy,
@@ -107,6 +125,12 @@ pub struct GitHubConfig {
     /// Items per page, 1 to 100 (GitHub's maximum).
     #[serde(default = "default_per_page")]
     pub per_page: u32,
+    /// Read each author's profile (`GET /users/{login}`) for their public
+    /// e-mail, website and X account, which link one person's identities
+    /// across communities. Costs one request per distinct author per
+    /// process run (the answers are cached in memory); bots are skipped.
+    #[serde(default)]
+    pub lookup_profiles: bool,
 }
 
 fn default_base_url() -> String {
@@ -188,6 +212,32 @@ pub struct GitHubSource {
     http: HttpClient,
     /// `Bearer <token>`, marked sensitive so Debug never shows it.
     authorization: Option<HeaderValue>,
+    /// The profiles read ([`GitHubConfig::lookup_profiles`]), by lower-cased
+    /// login; `None` when GitHub has no such user (or it is not a person).
+    profiles: Mutex<HashMap<String, Option<Profile>>>,
+}
+
+/// What an author's profile adds to [`Author`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Profile {
+    /// The user's id: the profile is used only for the same account.
+    id: u64,
+    /// The public e-mail, trimmed and lower-cased.
+    email: Option<String>,
+    /// The website, then the X account (`x:{name}`).
+    links: Vec<String>,
+}
+
+/// The items of one page, mapped.
+#[derive(Debug, Default)]
+struct Mapped {
+    page: Page,
+    /// The newest `updated_at` among the items (pull requests and malformed
+    /// items included).
+    top: Option<DateTime<Utc>>,
+    /// The contributions whose author is a person whose profile may be
+    /// read: index in `page.contributions`, login.
+    people: Vec<(usize, String)>,
 }
 
 /// What the cursor of a GitHub source holds.
@@ -297,6 +347,7 @@ impl GitHubSource {
             base_url,
             repos,
             authorization,
+            profiles: Mutex::new(HashMap::new()),
         })
     }
 
@@ -421,17 +472,9 @@ impl GitHubSource {
         }
     }
 
-    /// Maps the items of one page; returns the page and the newest
-    /// `updated_at` among them (pull requests and malformed items included).
-    fn read_items(
-        &self,
-        repo: &Repo,
-        stream: Stream,
-        items: Vec<Value>,
-        watermark: Option<DateTime<Utc>>,
-    ) -> (Page, Option<DateTime<Utc>>) {
-        let mut page = Page::default();
-        let mut top = None;
+    /// Maps the items of one page.
+    fn read_items(&self, repo: &Repo, stream: Stream, items: Vec<Value>, watermark: Option<DateTime<Utc>>) -> Mapped {
+        let Mapped { mut page, mut top, mut people } = Mapped::default();
         for item in items {
             let updated_at =
                 item.get("updated_at").and_then(Value::as_str).and_then(|at| at.parse::<DateTime<Utc>>().ok());
@@ -451,13 +494,21 @@ impl GitHubSource {
             let mapped = match stream {
                 Stream::Issues => serde_json::from_value::<RawIssue>(item.clone())
                     .map_err(|error| format!("cannot read the issue: {error}"))
-                    .map(|issue| self.issue(repo, issue)),
+                    .map(|issue| (person(issue.user.as_ref()), self.issue(repo, issue))),
                 Stream::Comments => serde_json::from_value::<RawComment>(item.clone())
                     .map_err(|error| format!("cannot read the comment: {error}"))
-                    .and_then(|comment| self.comment(repo, comment)),
+                    .and_then(|comment| {
+                        let login = person(comment.user.as_ref());
+                        self.comment(repo, comment).map(|contribution| (login, contribution))
+                    }),
             };
             match mapped {
-                Ok(contribution) => page.contributions.push(contribution),
+                Ok((login, contribution)) => {
+                    if let Some(login) = login {
+                        people.push((page.contributions.len(), login));
+                    }
+                    page.contributions.push(contribution)
+                }
                 // Back at the watermark: reported by the pass that first saw it.
                 Err(_) if updated_at.is_some() && updated_at <= watermark => {}
                 Err(reason) => {
@@ -467,7 +518,75 @@ impl GitHubSource {
                 }
             }
         }
-        (page, top)
+        Mapped { page, top, people }
+    }
+
+    /// Fills the authors of `mapped.people` from their profiles, reading
+    /// each profile not cached yet. Only a rate limit is an error: the page
+    /// is then fetched again once it ends.
+    async fn fill_profiles(&self, mapped: &mut Mapped) -> Result<(), SourceError> {
+        // Logins whose lookup failed on this page: not asked again for it.
+        let mut failed = HashSet::new();
+        for (index, login) in &mapped.people {
+            let key = login.to_lowercase();
+            let cached = self.lock_profiles().get(&key).cloned();
+            let profile = match cached {
+                Some(profile) => profile,
+                None if failed.contains(&key) => None,
+                None => match self.read_profile(login).await? {
+                    Some(profile) => {
+                        self.lock_profiles().insert(key, profile.clone());
+                        profile
+                    }
+                    None => {
+                        failed.insert(key);
+                        None
+                    }
+                },
+            };
+            if let Some(profile) = profile
+                && let Some(contribution) = mapped.page.contributions.get_mut(*index)
+            {
+                apply_profile(&mut contribution.author, &profile);
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_profiles(&self) -> MutexGuard<'_, HashMap<String, Option<Profile>>> {
+        self.profiles.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `GET /users/{login}`: `Some(answer)` to keep (`Some(None)`: no such
+    /// person), `None` when the lookup failed (logged), a rate limit as an
+    /// error.
+    async fn read_profile(&self, login: &str) -> Result<Option<Option<Profile>>, SourceError> {
+        let response = match self.get(self.endpoint(&["users", login])).await {
+            Ok(response) => response,
+            Err(error @ SourceError::Http(HttpError::RateLimited { .. })) => return Err(error),
+            Err(SourceError::Status { status: 404 | 410, .. }) => {
+                tracing::debug!(source = %self.instance, %login, "github has no such user; no profile");
+                return Ok(Some(None));
+            }
+            Err(error) => {
+                tracing::warn!(
+                    source = %self.instance, %login, %error,
+                    "github profile lookup failed; going on without the profile"
+                );
+                return Ok(None);
+            }
+        };
+        match serde_json::from_slice::<RawProfile>(&response.body) {
+            Ok(raw) => Ok(Some(raw.profile())),
+            Err(error) => {
+                // A definite answer this connector cannot read: asking again would not help.
+                tracing::warn!(
+                    source = %self.instance, %login, target = %response.target, %error,
+                    "github answered a profile this connector cannot read; going on without it"
+                );
+                Ok(Some(None))
+            }
+        }
     }
 
     fn issue(&self, repo: &Repo, issue: RawIssue) -> Contribution {
@@ -635,6 +754,48 @@ fn author(user: Option<RawUser>) -> Author {
     }
 }
 
+/// The login of an author whose profile may be read: a person
+/// (`type: "User"`), not a bot (`type: "Bot"`, or a login ending in `[bot]`).
+fn person(user: Option<&RawUser>) -> Option<String> {
+    let user = user?;
+    let is_person = user.kind.as_deref() == Some("User")
+        && !user.login.trim().is_empty()
+        && !user.login.to_ascii_lowercase().ends_with("[bot]");
+    is_person.then(|| user.login.clone())
+}
+
+/// Adds a profile to an author of the same account: the e-mail when the
+/// author has none, the links not there yet.
+fn apply_profile(author: &mut Author, profile: &Profile) {
+    if author.id != profile.id.to_string() {
+        return;
+    }
+    if author.email.as_deref().is_none_or(|email| email.trim().is_empty()) && profile.email.is_some() {
+        author.email = profile.email.clone();
+    }
+    for link in &profile.links {
+        if !author.links.contains(link) {
+            author.links.push(link.clone());
+        }
+    }
+}
+
+
+/// A profile's `twitter_username` as `x:{name}` (without `@`); X names are
+/// letters, digits and `_`.
+fn x_account(name: &str) -> Option<String> {
+    let name = name.trim().trim_start_matches('@');
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then(|| format!("x:{name}"))
+}
+
+/// A profile's public `email`, trimmed and lower-cased.
+fn public_email(email: &str) -> Option<String> {
+    let email = email.trim().to_lowercase();
+    let valid = email.contains('@') && !email.chars().any(char::is_whitespace);
+    valid.then_some(email)
+}
+
 /// The fields of an issue this connector reads.
 #[derive(Debug, Deserialize)]
 struct RawIssue {
@@ -679,6 +840,40 @@ struct RawUser {
     login: String,
     #[serde(default)]
     html_url: Option<String>,
+    /// `User`, `Bot`, `Organization` or `Mannequin`.
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+/// The fields of `GET /users/{username}` this connector reads.
+#[derive(Debug, Deserialize)]
+struct RawProfile {
+    id: u64,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    blog: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    twitter_username: Option<String>,
+}
+
+impl RawProfile {
+    /// What the profile adds to its author; `None` unless it is a person's.
+    fn profile(self) -> Option<Profile> {
+        if self.kind.as_deref() != Some("User") {
+            return None;
+        }
+        let mut links: Vec<String> = Vec::new();
+        let found = [self.blog.as_deref().and_then(website), self.twitter_username.as_deref().and_then(x_account)];
+        for link in found.into_iter().flatten() {
+            if !links.contains(&link) {
+                links.push(link);
+            }
+        }
+        Some(Profile { id: self.id, email: self.email.as_deref().and_then(public_email), links })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -737,7 +932,11 @@ impl Source for GitHubSource {
 
         let (items, next) = self.fetch_list(url.clone()).await?;
         let fetched = items.len();
-        let (mut page, page_top) = self.read_items(repo, stream, items, state.watermark);
+        let mut mapped = self.read_items(repo, stream, items, state.watermark);
+        if self.config.lookup_profiles {
+            self.fill_profiles(&mut mapped).await?;
+        }
+        let Mapped { mut page, top: page_top, .. } = mapped;
         let top = max(top_before, page_top);
         let pages = pages_before + 1;
 
@@ -820,7 +1019,7 @@ mod tests {
     use tributary_sdk::testkit::Fixture;
     use wiremock::{
         Mock, MockServer, ResponseTemplate,
-        matchers::{header, method, path, query_param, query_param_is_missing},
+        matchers::{header, method, path, path_regex, query_param, query_param_is_missing},
     };
 
     use super::*;
@@ -1218,7 +1417,7 @@ mod tests {
         .await;
         let source = source(config(&server, &[COMMENTS_REPO]));
         let repo = parse_repo(COMMENTS_REPO).unwrap();
-        let (original, _) = source.read_items(&repo, Stream::Comments, recorded, None);
+        let original = source.read_items(&repo, Stream::Comments, recorded, None).page;
 
         let pages = round(&source, cursor_at(COMMENTS_REPO, Stream::Comments, watermark), None).await;
         assert_eq!(ids(&pages[1]), ["comment:6447481", "comment:5168757"]);
@@ -1573,6 +1772,433 @@ mod tests {
         assert_eq!(stream_of(&pages[1], ISSUES_REPO, Stream::Issues).watermark, Some(at("2022-07-19T04:39:16Z")));
     }
 
+    /// A `GET /users/{username}` answer with all the fields GitHub's REST
+    /// API gives for a user (`type: "User"`).
+    fn profile_body(login: &str, id: u64, blog: &str, email: Option<&str>, twitter: Option<&str>) -> Value {
+        let api = format!("https://api.github.com/users/{login}");
+        json!({
+            "login": login,
+            "id": id,
+            "node_id": node_id(&format!("04:User{id}")),
+            "avatar_url": format!("https://avatars.githubusercontent.com/u/{id}?v=4"),
+            "gravatar_id": "",
+            "url": api,
+            "html_url": format!("https://github.com/{login}"),
+            "followers_url": format!("{api}/followers"),
+            "following_url": format!("{api}/following{{/other_user}}"),
+            "gists_url": format!("{api}/gists{{/gist_id}}"),
+            "starred_url": format!("{api}/starred{{/owner}}{{/repo}}"),
+            "subscriptions_url": format!("{api}/subscriptions"),
+            "organizations_url": format!("{api}/orgs"),
+            "repos_url": format!("{api}/repos"),
+            "events_url": format!("{api}/events{{/privacy}}"),
+            "received_events_url": format!("{api}/received_events"),
+            "type": "User",
+            "user_view_type": "public",
+            "site_admin": false,
+            "name": null,
+            "company": null,
+            "blog": blog,
+            "location": null,
+            "email": email,
+            "hireable": null,
+            "bio": null,
+            "twitter_username": twitter,
+            "public_repos": 34,
+            "public_gists": 2,
+            "followers": 151,
+            "following": 3,
+            "created_at": "2010-07-09T06:10:06Z",
+            "updated_at": "2024-11-02T17:21:45Z"
+        })
+    }
+
+    /// A legacy GraphQL node id: the base64 of `04:User{id}`.
+    fn node_id(text: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in text.as_bytes().chunks(3) {
+            let bytes = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+            let n = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// Answers `GET /users/{login}`, `times` times at most when given.
+    async fn serve_profile(server: &MockServer, login: &str, response: ResponseTemplate, times: Option<u64>) {
+        let mock = Mock::given(method("GET")).and(path(format!("/users/{login}"))).respond_with(response);
+        let mock = match times {
+            Some(times) => mock.up_to_n_times(times),
+            None => mock,
+        };
+        mock.mount(server).await;
+    }
+
+    /// A profile answered as GitHub does, with the recorded headers.
+    fn profile_answer(body: Value) -> ResponseTemplate {
+        derived("issues_page1_link_next", 200, body, &[])
+    }
+
+    /// The logins of the `/users/{login}` requests received, in order.
+    async fn profile_requests(server: &MockServer) -> Vec<String> {
+        let requests = server.received_requests().await.unwrap();
+        requests.iter().filter_map(|r| r.url.path().strip_prefix("/users/").map(str::to_owned)).collect()
+    }
+
+    fn looking_up(mut config: GitHubConfig) -> GitHubConfig {
+        config.lookup_profiles = true;
+        config
+    }
+
+    #[tokio::test]
+    async fn profiles_fill_the_public_email_and_links_once_per_login_across_pages() {
+        let server = MockServer::start().await;
+        let since = "2012-04-01T00:00:00Z";
+        serve(&server, COMMENTS_REPO, Stream::Issues, Some(since), empty(&server)).await;
+        serve(
+            &server,
+            COMMENTS_REPO,
+            Stream::Comments,
+            Some(since),
+            fixture(&server, "issue_comments_page1_ratelimit_link").response(),
+        )
+        .await;
+        Mock::given(method("GET"))
+            .and(path(list_path(COMMENTS_REPO, Stream::Comments)))
+            .and(query_param("page", "2"))
+            .respond_with(without_next(fixture(&server, "issue_comments_page2")).response())
+            .expect(2)
+            .mount(&server)
+            .await;
+        // The authors of both recorded pages, with the ids the pages give them.
+        let people = [
+            ("jacquev6", 327146),
+            ("bilderbuchi", 327442),
+            ("tallforasmurf", 1137018),
+            ("roskakori", 328726),
+            ("jeblair", 899068),
+            ("aneroid", 1468519),
+            ("malexw", 577322),
+            ("philipkimmey", 211079),
+        ];
+        for (login, id) in people {
+            let body = match login {
+                "jacquev6" => profile_body(
+                    login,
+                    id,
+                    "jacquev6.example.net",
+                    Some(" Vincent.Jacques@Example.NET "),
+                    Some("jacquev6_x"),
+                ),
+                "bilderbuchi" => profile_body(login, id, "https://bilderbuchi.example.org/", Some(""), None),
+                // The profile of someone else: the login changed hands.
+                "roskakori" => profile_body(login, 99, "roskakori.example.com", Some("r@example.com"), Some("rosk")),
+                _ => profile_body(login, id, "", None, None),
+            };
+            Mock::given(method("GET"))
+                .and(path(format!("/users/{login}")))
+                .and(header("x-github-api-version", "2022-11-28"))
+                .and(header("accept", "application/vnd.github+json"))
+                .respond_with(profile_answer(body))
+                .expect(1)
+                .mount(&server)
+                .await;
+        }
+        let not_found = json!({"message": "Not Found", "documentation_url": "https://docs.github.com/rest/users/users#get-a-user", "status": "404"});
+        Mock::given(method("GET"))
+            .and(path("/users/kukuts"))
+            .respond_with(derived("issues_page1_link_next", 404, not_found, &[]))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let source = source(looking_up(config(&server, &[COMMENTS_REPO])));
+
+        let pages = round(&source, None, Some(at(since))).await;
+        assert_eq!(more(&pages), [true, true, false]);
+        assert_eq!(pages[1].contributions.len() + pages[2].contributions.len(), 60, "no item is dropped");
+        let all: Vec<&Contribution> = pages.iter().flat_map(|page| &page.contributions).collect();
+        for c in &all {
+            let handle = c.author.handle.as_deref().unwrap();
+            let (email, links): (Option<&str>, &[&str]) = match handle {
+                "jacquev6" => (Some("vincent.jacques@example.net"), &["https://jacquev6.example.net", "x:jacquev6_x"]),
+                "bilderbuchi" => (None, &["https://bilderbuchi.example.org"]),
+                _ => (None, &[]),
+            };
+            assert_eq!(c.author.email.as_deref(), email, "{} by {handle}", c.external_id);
+            assert_eq!(c.author.links, links, "{} by {handle}", c.external_id);
+        }
+        let jacquev6 = all.iter().filter(|c| c.author.handle.as_deref() == Some("jacquev6")).count();
+        assert_eq!(jacquev6, 42, "on both pages");
+        // The rest of the author is the item's.
+        let first = find(&pages, "comment:5168757");
+        assert_eq!((first.author.id.as_str(), first.author.display_name.as_deref()), ("327146", None));
+
+        let mut asked = profile_requests(&server).await;
+        asked.sort();
+        assert_eq!(
+            asked,
+            [
+                "aneroid",
+                "bilderbuchi",
+                "jacquev6",
+                "jeblair",
+                "kukuts",
+                "malexw",
+                "philipkimmey",
+                "roskakori",
+                "tallforasmurf"
+            ],
+            "one request per login"
+        );
+        // A later round (both pages again) finds every profile in memory.
+        let again = round(&source, None, Some(at(since))).await;
+        assert_eq!(find(&again, "comment:5168757").author, first.author.clone());
+        assert_eq!(profile_requests(&server).await.len(), 9);
+    }
+
+    #[tokio::test]
+    async fn bots_are_not_looked_up() {
+        let server = MockServer::start().await;
+        let mut issues = items("issues_page1_link_next");
+        item_mut(&mut issues, 1308969059)["user"] = json!({
+            "login": "dependabot[bot]",
+            "id": 49699333,
+            "node_id": "MDM6Qm90NDk2OTkzMzM=",
+            "avatar_url": "https://avatars.githubusercontent.com/in/29110?v=4",
+            "gravatar_id": "",
+            "url": "https://api.github.com/users/dependabot%5Bbot%5D",
+            "html_url": "https://github.com/apps/dependabot",
+            "type": "Bot",
+            "site_admin": false
+        });
+        item_mut(&mut issues, 1308969023)["user"] = json!({
+            "login": "Copilot",
+            "id": 198982749,
+            "node_id": "BOT_kgDOC9w8XQ",
+            "url": "https://api.github.com/users/Copilot",
+            "html_url": "https://github.com/apps/copilot-swe-agent",
+            "type": "Bot",
+            "site_admin": false
+        });
+        let mut comments = items("issue_comments_page1_ratelimit_link");
+        // A `[bot]` login is a bot whatever its type says.
+        comments.retain(|item| item["id"] == 5168757 || item["id"] == 5181640);
+        item_mut(&mut comments, 5181640)["user"]["login"] = "ci-helper[bot]".into();
+        serve_recorded(
+            &server,
+            with_items(fixture(&server, "issues_page1_link_next"), issues),
+            with_items(fixture(&server, "issue_comments_page1_ratelimit_link"), comments),
+        )
+        .await;
+        serve_profile(
+            &server,
+            "octokit-fixture-user-a",
+            profile_answer(profile_body("octokit-fixture-user-a", 31898046, "octokit.github.io", None, None)),
+            None,
+        )
+        .await;
+        serve_profile(&server, "jacquev6", profile_answer(profile_body("jacquev6", 327146, "", None, None)), None)
+            .await;
+        let pages = round(&source(looking_up(config(&server, &[ISSUES_REPO, COMMENTS_REPO]))), None, None).await;
+
+        for (id, links) in [
+            ("issue:1308969059", vec![]),
+            ("issue:1308969023", vec![]),
+            ("issue:1308968990", vec!["https://octokit.github.io"]),
+            ("comment:5168757", vec![]),
+            ("comment:5181640", vec![]),
+        ] {
+            assert_eq!(find(&pages, id).author.links, links, "{id}");
+        }
+        assert_eq!(find(&pages, "issue:1308969059").author.handle.as_deref(), Some("dependabot[bot]"));
+        assert_eq!(profile_requests(&server).await, ["octokit-fixture-user-a", "jacquev6"], "no bot is asked for");
+    }
+
+    #[tokio::test]
+    async fn a_user_github_does_not_know_is_asked_once_and_other_failures_are_asked_again() {
+        let docs = "https://docs.github.com/rest/users/users#get-a-user";
+        for (status, body, kept) in [
+            (404, json!({"message": "Not Found", "documentation_url": docs, "status": "404"}), true),
+            (410, json!({"message": "Gone", "documentation_url": docs}), true),
+            // An answer that is not a user's profile.
+            (200, json!({"message": "Moved Permanently", "url": "x"}), true),
+            (500, json!({"message": "Server Error"}), false),
+            (401, json!({"message": "Bad credentials", "documentation_url": docs}), false),
+        ] {
+            let server = MockServer::start().await;
+            serve(&server, ISSUES_REPO, Stream::Issues, None, fixture(&server, "issues_page1_link_next").response())
+                .await;
+            serve(&server, ISSUES_REPO, Stream::Comments, None, empty(&server)).await;
+            let at_watermark: Vec<Value> = items("issues_page1_link_next").into_iter().take(1).collect();
+            serve(
+                &server,
+                ISSUES_REPO,
+                Stream::Issues,
+                Some("2022-07-19T04:39:16Z"),
+                with_items(without_next(fixture(&server, "issues_page1_link_next")), at_watermark),
+            )
+            .await;
+            serve_profile(
+                &server,
+                "octokit-fixture-user-a",
+                derived("issues_page1_link_next", status, body, &[]),
+                None,
+            )
+            .await;
+            let source = source(looking_up(config(&server, &[ISSUES_REPO])));
+
+            let first = round(&source, None, None).await;
+            assert_eq!(ids(&first[0]).len(), 3, "{status}: the page goes on");
+            assert!(first[0].contributions.iter().all(|c| c.author.links.is_empty() && c.author.email.is_none()));
+            let asked = profile_requests(&server).await.len();
+            assert!(asked >= 1, "{status}");
+            let second = round(&source, first.last().unwrap().next_cursor.clone(), None).await;
+            assert_eq!(ids(&second[0]), ["issue:1308969059"], "{status}");
+            assert_eq!(second[0].contributions[0].author, find(&first, "issue:1308969059").author, "{status}");
+            let expected = if kept { 1 } else { 2 * asked };
+            assert_eq!(profile_requests(&server).await.len(), expected, "{status}: asked again: {}", !kept);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_profile_lookup_fails_the_poll_and_the_page_comes_again() {
+        let in_an_hour = (Utc::now().timestamp() + 3600).to_string();
+        let primary = "API rate limit exceeded for 203.0.113.7.";
+        let secondary = "You have exceeded a secondary rate limit. Please wait a few minutes before you try again.";
+        for (status, message, headers, wait) in [
+            (403, primary, vec![("x-ratelimit-remaining", "0".to_owned()), ("x-ratelimit-reset", in_an_hour)], 3600),
+            (429, secondary, vec![("retry-after", "120".to_owned())], 120),
+            (403, secondary, vec![("retry-after", "1".to_owned())], 1),
+        ] {
+            let server = MockServer::start().await;
+            serve(&server, ISSUES_REPO, Stream::Issues, None, fixture(&server, "issues_page1_link_next").response())
+                .await;
+            let body = json!({"message": message, "documentation_url": "https://docs.github.com/rest"});
+            serve_profile(
+                &server,
+                "octokit-fixture-user-a",
+                derived("issues_page1_link_next", status, body, &headers),
+                Some(1),
+            )
+            .await;
+            let profile = profile_body("octokit-fixture-user-a", 31898046, "", Some("a@example.com"), None);
+            serve_profile(&server, "octokit-fixture-user-a", profile_answer(profile), None).await;
+            let source = source(looking_up(config(&server, &[ISSUES_REPO])));
+
+            for _ in 0..2 {
+                match source.poll(&PollRequest::default()).await.unwrap_err() {
+                    SourceError::Http(HttpError::RateLimited { retry_after, .. }) => {
+                        let secs = retry_after.as_secs_f64();
+                        assert!(secs <= wait as f64 && secs > wait as f64 - 5.0, "{status}: {retry_after:?}")
+                    }
+                    other => panic!("{status}: unexpected {other:?}"),
+                }
+                if wait == 1 {
+                    break;
+                }
+            }
+            if wait > 1 {
+                // The limit holds: nothing is sent before it ends.
+                assert_eq!(server.received_requests().await.unwrap().len(), 2, "{status}");
+                continue;
+            }
+            // Once it ends, the same page comes again, complete.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let page = source.poll(&PollRequest::default()).await.unwrap();
+            assert_eq!(ids(&page).len(), 3);
+            assert!(page.contributions.iter().all(|c| c.author.email.as_deref() == Some("a@example.com")));
+            assert_eq!(profile_requests(&server).await.len(), 2);
+        }
+    }
+
+    #[tokio::test]
+    async fn without_lookup_profiles_no_profile_is_asked_for() {
+        let server = MockServer::start().await;
+        serve_recorded(
+            &server,
+            fixture(&server, "issues_page1_link_next").response(),
+            fixture(&server, "issue_comments_page1_ratelimit_link").response(),
+        )
+        .await;
+        Mock::given(method("GET"))
+            .and(path_regex("^/users/"))
+            .respond_with(profile_answer(profile_body("jacquev6", 327146, "example.com", Some("j@example.com"), None)))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let pages = round(&source(config(&server, &[ISSUES_REPO, COMMENTS_REPO])), None, None).await;
+        assert_eq!(pages.iter().map(|page| page.contributions.len()).sum::<usize>(), 33);
+        assert!(pages.iter().flat_map(|page| &page.contributions).all(|c| c.author.links.is_empty()));
+        assert!(profile_requests(&server).await.is_empty());
+    }
+
+    #[test]
+    fn profile_fields_are_normalised() {
+        fn check(blog: &str, expected: Option<&str>) {
+            assert_eq!(website(blog).as_deref(), expected, "{blog:?}");
+        }
+        // The test profiles' node ids, as GitHub's legacy ones.
+        assert_eq!(node_id("04:User327146"), "MDQ6VXNlcjMyNzE0Ng==");
+        assert_eq!(node_id("04:User1"), "MDQ6VXNlcjE=");
+        // The website rules are the SDK's (`text::website`); GitHub's free text too.
+        check("  example.com/  ", Some("https://example.com"));
+        check("N/A", None);
+        for (name, expected) in [
+            ("alice_x", Some("x:alice_x")),
+            (" @Alice ", Some("x:Alice")),
+            ("", None),
+            ("@", None),
+            ("https://x.com/alice", None),
+        ] {
+            assert_eq!(x_account(name).as_deref(), expected, "{name:?}");
+        }
+        for (email, expected) in
+            [(" Alice@Example.COM ", Some("alice@example.com")), ("", None), ("  ", None), ("not an e-mail", None)]
+        {
+            assert_eq!(public_email(email).as_deref(), expected, "{email:?}");
+        }
+
+        // The whole answer: website first, then X; a profile that is not a person's adds nothing.
+        let raw = |body: Value| serde_json::from_value::<RawProfile>(body).unwrap().profile();
+        let alice = profile_body("alice", 7, "alice.dev", Some("Alice@Example.com"), Some("@alice"));
+        assert_eq!(
+            raw(alice.clone()),
+            Some(Profile {
+                id: 7,
+                email: Some("alice@example.com".into()),
+                links: vec!["https://alice.dev".into(), "x:alice".into()]
+            })
+        );
+        let mut no_blog = alice.clone();
+        no_blog["blog"] = Value::Null;
+        no_blog["email"] = Value::Null;
+        assert_eq!(raw(no_blog), Some(Profile { id: 7, email: None, links: vec!["x:alice".into()] }));
+        let mut organization = alice;
+        organization["type"] = "Organization".into();
+        assert_eq!(raw(organization), None);
+
+        // Added to the author of the same account, without doubles; an e-mail the author has is kept.
+        let profile = Profile { id: 7, email: Some("alice@example.com".into()), links: vec!["x:alice".into()] };
+        let mut author = Author {
+            id: "7".into(),
+            email: Some("alice@work.example".into()),
+            links: vec!["x:alice".into()],
+            ..Author::default()
+        };
+        apply_profile(&mut author, &profile);
+        assert_eq!((author.email.as_deref(), author.links.len()), (Some("alice@work.example"), 1));
+        let mut other = Author { id: "8".into(), ..Author::default() };
+        apply_profile(&mut other, &profile);
+        assert_eq!(other, Author { id: "8".into(), ..Author::default() });
+    }
+
     #[test]
     fn next_links_are_read_from_the_recorded_headers() {
         for (name, expected) in [
@@ -1603,6 +2229,9 @@ mod tests {
         assert_eq!(config.base_url, "https://api.github.com");
         assert_eq!(config.token, None);
         assert!(!config.include_pull_requests);
+        assert!(!config.lookup_profiles, "profiles are read on request only");
+        let opted: GitHubConfig = serde_json::from_value(json!({"repos": ["a/b"], "lookup_profiles": true})).unwrap();
+        assert!(opted.lookup_profiles);
         assert_eq!((config.max_pages_per_poll, config.per_page), (10, 100));
         let source = GitHubSource::new("gh", config.clone(), HttpOptions::default()).unwrap();
         assert_eq!(source.platform(), "github");
