@@ -377,10 +377,13 @@ pub async fn reject(store: &dyn StateStore, id: i64) -> Result<(), IdentityError
 /// Reads the CRM's per-platform handle fields back (during `crm setup` and
 /// on a schedule): an identity never linked is linked to the contact that
 /// carries its handle; one linked elsewhere goes to the review queue, since
-/// the CRM's data and an earlier resolution disagree. Returns (linked, queued).
+/// the CRM's data and an earlier resolution disagree. Only identities seen in
+/// the last 90 days are checked (one CRM search each). Returns (linked, queued).
 pub async fn recheck_handles(store: &dyn StateStore, crm: &dyn Crm) -> Result<(u64, u64), IdentityError> {
     let (mut linked, mut queued) = (0, 0);
-    for profile in store.all_profiles().await? {
+    // People active in the last 90 days: one CRM search each, not the whole history.
+    let active_since = chrono::Utc::now() - chrono::Duration::days(90);
+    for profile in store.all_profiles().await?.into_iter().filter(|p| p.last_seen >= active_since) {
         let Some(handle) = profile.handle.clone() else { continue };
         let lookup = ContactLookup::Handle { platform: profile.platform.clone(), handle: handle.clone() };
         let Some(contact) = crm.find_contact(&lookup).await? else { continue };
@@ -524,5 +527,43 @@ mod tests {
         approve(&store, &crm, pending[0].id).await.unwrap();
         assert!(store.reviews(Some("pending")).await.unwrap().is_empty());
         assert_eq!(store.identity("discourse:5").await.unwrap(), store.identity("github:1").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_crms_handle_fields_are_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let crm = FileCrm::new(FileCrmConfig { path: dir.path().join("crm.json") }).unwrap();
+        let recent = |mut c: Contribution| {
+            c.created_at = chrono::Utc::now() - chrono::Duration::days(1);
+            c.external_id = c.identity_key();
+            c
+        };
+        let (bo, cy) = (recent(by("forum", "f2", "bo", None)), recent(by("forum", "f3", "cy", None)));
+        store.commit_page("s", vec![bo.clone(), cy.clone()], vec![], None).await.unwrap();
+        // cy was resolved long ago to a contact of its own.
+        store.link_identity("forum:f3", "77", "created").await.unwrap();
+        // Later someone in sales typed both handles on contacts of their own.
+        let typed = |identity: &str, handle: &str| ContactUpsert {
+            identity: identity.into(),
+            email: None,
+            platform: "forum".into(),
+            handle: Some(handle.into()),
+            display_name: None,
+            profile_url: None,
+        };
+        let ids = crm.upsert_contacts(&[typed("crm:1", "bo"), typed("crm:2", "cy")]).await.unwrap();
+        let [RecordOutcome::Done(bo_contact), RecordOutcome::Done(cy_contact)] = ids.as_slice() else { panic!("{ids:?}") };
+        store.link_identity("other:cy", cy_contact, "email").await.unwrap();
+        store.commit_page("s", vec![recent(by("other", "cy", "cy-elsewhere", None))], vec![], None).await.unwrap();
+
+        assert_eq!(recheck_handles(&store, &crm).await.unwrap(), (1, 1));
+        assert_eq!(store.identity("forum:f2").await.unwrap().as_deref(), Some(bo_contact.as_str()), "never linked: linked");
+        assert_eq!(store.identity("forum:f3").await.unwrap().as_deref(), Some("77"), "linked elsewhere: not moved");
+        let pending = store.reviews(Some("pending")).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert!(pending[0].evidence.contains("handle field"), "{}", pending[0].evidence);
+        // Read back again: nothing new.
+        assert_eq!(recheck_handles(&store, &crm).await.unwrap(), (0, 0));
     }
 }
