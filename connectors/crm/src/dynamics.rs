@@ -40,9 +40,28 @@
 //!   Unified Interface timeline: it is escaped, lines joined by `<br>`.
 //! - Archiving: `DELETE annotations(<id>)`; 404 counts as done. Dataverse
 //!   notes have no inactive state: a deleted note is restorable only where
-//!   the environment's recycle bin is turned on.
-//! - Rollups: `PATCH contacts(<id>)` with `If-Match: *`; a contact that is
-//!   gone is a 404, `Rejected`.
+//!   the environment's recycle bin is turned on. `delete_activities` is the
+//!   same request.
+//! - Rollups: one `PATCH contacts(<id>)` with `If-Match: *` per contact,
+//!   carrying every figure: the totals, the last contribution's URL and
+//!   excerpt (one line), the 90-day count and sentiment, the attention flag
+//!   (a Yes/No column) and its reason, and per platform the first and last
+//!   sighting and the count, in columns named like the handle columns
+//!   (`{prefix}_{platform}firstseen`). A figure without a value is written
+//!   `null`, so an old value never stays. A contact that is gone is a 404,
+//!   `Rejected`.
+//! - Merging: the unbound `Merge` action (`POST Merge` with `Target`,
+//!   `Subordinate` and `UpdateContent` typed `Microsoft.Dynamics.CRM.contact`
+//!   by `@odata.type`, `PerformParentingChecks: false`; 204). Dataverse
+//!   moves the subordinate's related rows, notes included, to the target
+//!   and deactivates the subordinate, setting its `merged` and `masterid`
+//!   (as remembered from the contact table's reference: not re-checked). The
+//!   subordinate's state is read first, so merging again is done without a
+//!   second `Merge`.
+//! - Contact properties: `GET contacts(<id>)?$select=…` with `Prefer:
+//!   odata.include-annotations="OData.Community.Display.V1.FormattedValue"`;
+//!   a value's formatted text is preferred (a choice's label, a lookup's
+//!   name).
 //! - `$batch` is not used: a changeset is all-or-nothing (one refused record
 //!   would roll back the others), each request inside a batch still counts
 //!   against the service protection limits, and a batch shares one
@@ -58,7 +77,8 @@
 //!   EntityDefinitions(LogicalName='contact')/Attributes?$select=LogicalName&
 //!   $filter=LogicalName eq '…' or …`, then `POST …/Attributes` with
 //!   `StringAttributeMetadata`, `IntegerAttributeMetadata`,
-//!   `DecimalAttributeMetadata` or `DateTimeAttributeMetadata` for each one
+//!   `DecimalAttributeMetadata`, `DateTimeAttributeMetadata` or
+//!   `BooleanAttributeMetadata` (with its Yes/No option set) for each one
 //!   missing, and the alternate key `POST …/Keys` (`KeyAttributes:
 //!   [{prefix}_identityhash]`) when `GET …/Keys` does not list it. Dataverse
 //!   builds the key's index in the background: upserts fail until its
@@ -109,6 +129,13 @@ const SUBJECT_MAX: usize = 500;
 const NOTE_TEXT_RAW_MAX: usize = 15_000;
 const TEXT_MAX: usize = 255;
 const PLATFORMS_MAX: usize = 1000;
+/// The rollups' text columns: the last URL and excerpt, the attention reason.
+const ROLLUP_TEXT_MAX: usize = 1000;
+/// The annotation Dataverse adds with a value as the user sees it: a
+/// choice's label, a lookup's name, `Yes`/`No`, a formatted number or date.
+const FORMATTED: &str = "OData.Community.Display.V1.FormattedValue";
+/// The `@odata.type` of a contact in an action's parameters.
+const CONTACT_TYPE: &str = "Microsoft.Dynamics.CRM.contact";
 
 /// Settings of the Dynamics 365 / Dataverse sink (the `[crm]` table with `type = "dynamics"`).
 #[derive(Debug, Clone, Deserialize)]
@@ -294,6 +321,62 @@ fn web_link(url: &str) -> Option<String> {
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
 }
 
+/// `text` on one line: every run of whitespace or control characters
+/// becomes one space, and text past `max` characters is cut, ending with `…`.
+fn one_line(text: &str, max: usize) -> String {
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let folded = words.join(" ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out = cap(&folded, max.saturating_sub(1));
+    out.truncate(out.trim_end().len());
+    out.push('…');
+    out
+}
+
+/// A text column's value: the text on one line, `null` when empty (so a
+/// value from an earlier write never stays).
+fn text_value(text: Option<&str>, max: usize) -> Value {
+    let line = one_line(text.unwrap_or_default(), max);
+    if line.is_empty() { Value::Null } else { json!(line) }
+}
+
+/// A column of a contact row as text: Dataverse's formatted value where it
+/// sent one, else the value itself; `None` when empty.
+fn shown_value(row: &Map<String, Value>, column: &str) -> Option<String> {
+    let formatted = row.get(&format!("{column}@{FORMATTED}")).and_then(Value::as_str).map(str::trim);
+    let text = match (formatted, row.get(column)?) {
+        (Some(formatted), _) if !formatted.is_empty() => formatted.to_owned(),
+        (_, Value::String(text)) => text.trim().to_owned(),
+        (_, Value::Number(number)) => number.to_string(),
+        (_, Value::Bool(flag)) => flag.to_string(),
+        _ => return None,
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+/// A column's logical name as a query may name it: lowercase ASCII letters,
+/// digits and `_`, starting with a letter or `_`.
+fn logical_name(name: &str) -> Option<String> {
+    let name = name.trim().to_ascii_lowercase();
+    let valid = !name.is_empty()
+        && name.len() <= 100
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    valid.then_some(name)
+}
+
+/// Whether a contact was merged, and into which, from `statecode`,
+/// `merged` and `_masterid_value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MergeState {
+    active: bool,
+    /// The contact it was merged into, when `merged` is set.
+    merged_into: Option<String>,
+}
+
 /// The note's subject: the title, or `<platform> <kind>`.
 fn subject(contribution: &Contribution) -> String {
     let title = trimmed(contribution.title.as_deref());
@@ -339,6 +422,8 @@ enum ColumnKind {
     Whole,
     Sentiment,
     DateTime,
+    /// Yes/No (a Boolean column).
+    Flag,
 }
 
 /// One contact column as `setup` creates it.
@@ -391,6 +476,16 @@ impl Column {
                 "@odata.type": "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata",
                 "AttributeType": "DateTime", "AttributeTypeName": { "Value": "DateTimeType" },
                 "Format": "DateAndTime", "DateTimeBehavior": { "Value": "UserLocal" },
+            }),
+            ColumnKind::Flag => json!({
+                "@odata.type": "Microsoft.Dynamics.CRM.BooleanAttributeMetadata",
+                "AttributeType": "Boolean", "AttributeTypeName": { "Value": "BooleanType" },
+                "DefaultValue": false,
+                "OptionSet": {
+                    "@odata.type": "Microsoft.Dynamics.CRM.BooleanOptionSetMetadata",
+                    "TrueOption": { "Value": 1, "Label": label("Yes") },
+                    "FalseOption": { "Value": 0, "Label": label("No") },
+                },
             }),
         };
         if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
@@ -495,8 +590,20 @@ impl DynamicsCrm {
         self.column(&format!("{}profile", platform_slug(platform)))
     }
 
+    fn first_seen_column(&self, platform: &str) -> String {
+        self.column(&format!("{}firstseen", platform_slug(platform)))
+    }
+
+    fn last_seen_column(&self, platform: &str) -> String {
+        self.column(&format!("{}lastseen", platform_slug(platform)))
+    }
+
+    fn contributions_column(&self, platform: &str) -> String {
+        self.column(&format!("{}contributions", platform_slug(platform)))
+    }
+
     /// The contact columns: identity and its hash, per platform handle and
-    /// profile, rollups.
+    /// profile, rollups, then per platform the rollup figures.
     fn columns(&self, platforms: &[String]) -> Vec<Column> {
         use ColumnKind::*;
         let mut columns = vec![
@@ -516,7 +623,7 @@ impl DynamicsCrm {
         let mut slugs: Vec<(String, &str)> = platforms.iter().map(|p| (platform_slug(p), p.as_str())).collect();
         slugs.sort();
         slugs.dedup_by(|a, b| a.0 == b.0);
-        for (_, platform) in slugs {
+        for (_, platform) in &slugs {
             columns.push(Column::new(
                 self.handle_column(platform),
                 &format!("Handle on {platform}"),
@@ -560,7 +667,63 @@ impl DynamicsCrm {
             Column::new(self.column("complaints"), "Community Complaints", Whole, "Complaints."),
             Column::new(self.column("ideas"), "Community Ideas", Whole, "Ideas."),
             Column::new(self.column("praise"), "Community Praise", Whole, "Praise."),
+            Column::new(
+                self.column("lasturl"),
+                "Last Contribution URL",
+                Text(ROLLUP_TEXT_MAX as u32),
+                "Link to the person's last contribution.",
+            ),
+            Column::new(
+                self.column("lastexcerpt"),
+                "Last Contribution Excerpt",
+                Text(ROLLUP_TEXT_MAX as u32),
+                "The start of the person's last contribution.",
+            ),
+            Column::new(
+                self.column("contributions90d"),
+                "Community Contributions (90 Days)",
+                Whole,
+                "How many contributions the person made in the last 90 days.",
+            ),
+            Column::new(
+                self.column("sentiment90d"),
+                "Community Sentiment (90 Days)",
+                Sentiment,
+                "Mean sentiment of the last 90 days' contributions, from -1 to 1; empty when none was scored.",
+            ),
+            Column::new(
+                self.column("needsattention"),
+                "Needs Attention",
+                Flag,
+                "An unresolved complaint or a sharp drop in sentiment: someone should look at this person.",
+            ),
+            Column::new(
+                self.column("attentionreason"),
+                "Attention Reason",
+                Text(ROLLUP_TEXT_MAX as u32),
+                "Why the person needs attention, in words.",
+            ),
         ]);
+        for (_, platform) in &slugs {
+            columns.push(Column::new(
+                self.first_seen_column(platform),
+                &format!("First Seen on {platform}"),
+                DateTime,
+                &format!("When the person's first contribution on {platform} was posted."),
+            ));
+            columns.push(Column::new(
+                self.last_seen_column(platform),
+                &format!("Last Seen on {platform}"),
+                DateTime,
+                &format!("When the person's last contribution on {platform} was posted."),
+            ));
+            columns.push(Column::new(
+                self.contributions_column(platform),
+                &format!("Contributions on {platform}"),
+                Whole,
+                &format!("How many contributions Tributary delivered for the person from {platform}."),
+            ));
+        }
         columns
     }
 
@@ -756,7 +919,9 @@ impl DynamicsCrm {
         }
     }
 
-    /// The rollup columns of one contact.
+    /// The rollup columns of one contact, for one `PATCH`. Every figure is
+    /// written, `null` when it has no value, so a value from an earlier
+    /// rollup never stays.
     fn rollup_fields(&self, rollup: &Rollup) -> Map<String, Value> {
         let mut fields = Map::new();
         fields.insert(self.column("lastcontribution"), json!(timestamp(rollup.last_contribution_at)));
@@ -770,7 +935,71 @@ impl DynamicsCrm {
         fields.insert(self.column("complaints"), json!(count(rollup.complaints)));
         fields.insert(self.column("ideas"), json!(count(rollup.ideas)));
         fields.insert(self.column("praise"), json!(count(rollup.praise)));
+        let last_url = rollup.last_url.as_deref().and_then(web_link);
+        fields.insert(self.column("lasturl"), text_value(last_url.as_deref(), ROLLUP_TEXT_MAX));
+        fields.insert(self.column("lastexcerpt"), text_value(rollup.last_excerpt.as_deref(), ROLLUP_TEXT_MAX));
+        fields.insert(self.column("contributions90d"), json!(count(rollup.count_90d)));
+        let sentiment_90d = rollup.sentiment_avg_90d.and_then(sentiment);
+        fields.insert(self.column("sentiment90d"), sentiment_90d.map_or(Value::Null, |value| json!(value)));
+        fields.insert(self.column("needsattention"), json!(rollup.needs_attention));
+        fields.insert(self.column("attentionreason"), text_value(rollup.attention_reason.as_deref(), ROLLUP_TEXT_MAX));
+        for platform in &rollup.per_platform {
+            fields.insert(self.first_seen_column(&platform.platform), json!(timestamp(platform.first_seen)));
+            fields.insert(self.last_seen_column(&platform.platform), json!(timestamp(platform.last_seen)));
+            fields.insert(self.contributions_column(&platform.platform), json!(count(platform.contributions)));
+        }
         fields
+    }
+
+    /// `GET contacts(<id>)` of the merge columns; `None` when there is no such contact.
+    async fn merge_state(&self, id: &str) -> Result<Option<MergeState>, CrmError> {
+        let query = [("$select", "contactid,statecode,merged,_masterid_value")];
+        let response = self.call(Method::GET, &format!("contacts({id})"), &query, &[], None).await?;
+        match response.status.as_u16() {
+            404 => Ok(None),
+            200..=299 => {
+                let row: Value = response.json().map_err(|error| self.decode(error))?;
+                let merged = row["merged"].as_bool() == Some(true);
+                Ok(Some(MergeState {
+                    active: row["statecode"].as_i64().is_none_or(|state| state == 0),
+                    merged_into: row["_masterid_value"].as_str().and_then(row_id).filter(|_| merged),
+                }))
+            }
+            _ => Err(self.unexpected(&response)),
+        }
+    }
+
+    /// Why `survivor` cannot take another contact: it is gone, merged
+    /// into another or inactive; `None` when it is an active contact.
+    async fn survivor_problem(&self, survivor: &str) -> Result<Option<String>, CrmError> {
+        Ok(match self.merge_state(survivor).await? {
+            None => Some("it does not exist".to_owned()),
+            Some(MergeState { merged_into: Some(master), .. }) => {
+                Some(format!("it was itself merged into {master}; link the person to {master} instead"))
+            }
+            Some(MergeState { active: false, .. }) => Some("it is inactive".to_owned()),
+            Some(MergeState { active: true, merged_into: None }) => None,
+        })
+    }
+
+    /// Whether the merge of `merged` into `survivor` has happened already:
+    /// `merged` carries `merged = true` and `masterid` = the survivor, or
+    /// it is gone while the survivor is an active contact. `Err` when it
+    /// went into another contact, or is gone and the survivor cannot take it.
+    async fn merged_already(&self, survivor: &str, merged: &str) -> Result<bool, CrmError> {
+        match self.merge_state(merged).await? {
+            Some(MergeState { merged_into: Some(master), .. }) if master == survivor => Ok(true),
+            Some(MergeState { merged_into: Some(master), .. }) => Err(CrmError::Unsupported(format!(
+                "Dataverse contact {merged} was merged into {master}, not {survivor}; link the person to {master}"
+            ))),
+            Some(_) => Ok(false),
+            None => match self.survivor_problem(survivor).await? {
+                None => Ok(true),
+                Some(why) => Err(CrmError::Unsupported(format!(
+                    "cannot merge Dataverse contact {merged} into {survivor}: {merged} is gone and {why}"
+                ))),
+            },
+        }
     }
 
     fn setup_headers(&self) -> Vec<(&str, &str)> {
@@ -871,7 +1100,8 @@ impl Crm for DynamicsCrm {
         if value.is_empty() {
             return Ok(None);
         }
-        let filter = format!("{column} eq {}", odata_literal(&value));
+        // Active contacts only: a merged one stays behind, inactive, with its old handle.
+        let filter = format!("{column} eq {} and statecode eq 0", odata_literal(&value));
         let query =
             [("$select", "contactid"), ("$filter", filter.as_str()), ("$orderby", "createdon asc"), ("$top", "1")];
         let rows = self.collection("contacts", &query).await?;
@@ -1017,5 +1247,112 @@ impl Crm for DynamicsCrm {
             });
         }
         Ok(outcomes)
+    }
+
+    /// Deletes the notes (`DELETE annotations(<id>)`), as archiving does:
+    /// Dataverse notes have no other end. One already gone is done.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// The unbound `Merge` action with the survivor as `Target` and the
+    /// other as `Subordinate`, `PerformParentingChecks: false`. Dataverse
+    /// moves the subordinate's related rows (Tributary's notes among them)
+    /// to the target, which keeps its id, then deactivates the subordinate
+    /// with `merged = true` and `masterid` naming the target. That state is
+    /// read first, so merging again sends nothing; a subordinate gone while
+    /// the survivor is active is done too.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (Some(survivor), Some(merged)) = (row_id(survivor), row_id(merged)) else {
+            return Err(CrmError::Unsupported(format!(
+                "merging Dataverse contacts needs two contact ids (GUIDs), not `{}` and `{}`",
+                cap(survivor.trim(), 40),
+                cap(merged.trim(), 40)
+            )));
+        };
+        if survivor == merged {
+            return Ok(());
+        }
+        if self.merged_already(&survivor, &merged).await? {
+            tracing::info!(%survivor, %merged, "dataverse contacts were already merged");
+            return Ok(());
+        }
+        let body = json!({
+            "Target": { "@odata.type": CONTACT_TYPE, "contactid": survivor },
+            "Subordinate": { "@odata.type": CONTACT_TYPE, "contactid": merged },
+            "UpdateContent": { "@odata.type": CONTACT_TYPE },
+            "PerformParentingChecks": false,
+        });
+        let response = self.call(Method::POST, "Merge", &[], &[], Some(&body)).await?;
+        if response.status.is_success() {
+            tracing::info!(%survivor, %merged, "dataverse contacts merged");
+            return Ok(());
+        }
+        if !matches!(response.status.as_u16(), 400 | 404 | 409 | 412) {
+            return Err(self.unexpected(&response));
+        }
+        // Merged meanwhile (a concurrent run), or a survivor that cannot take it.
+        if self.merged_already(&survivor, &merged).await? {
+            tracing::info!(%survivor, %merged, "dataverse contacts were already merged");
+            return Ok(());
+        }
+        if let Some(why) = self.survivor_problem(&survivor).await? {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge Dataverse contact {merged} into {survivor}: {why}"
+            )));
+        }
+        tracing::debug!(%survivor, %merged, message = %self.scrub(&describe(&response)), "dataverse refused a merge");
+        Err(self.unexpected(&response))
+    }
+
+    /// `GET contacts(<id>)?$select=…` with formatted values: each name is a
+    /// column's logical name; a choice, lookup, yes/no, number or date is
+    /// given as Dataverse formats it (`Customer`, the account's name), other
+    /// values as they are. A lookup may be named without its `_…_value`
+    /// form (`parentcustomerid`). When Dataverse refuses the `$select` (a
+    /// name it does not know, or a lookup so named), the whole row is read
+    /// instead. Names that are not logical names are left out; an unknown
+    /// contact is an error.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let mut wanted: Vec<(&str, String)> =
+            names.iter().map(|name| name.trim()).filter_map(|name| Some((name, logical_name(name)?))).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        let Some(id) = row_id(contact_id) else {
+            return Err(CrmError::Unsupported(format!(
+                "`{}` is not a Dataverse contact id",
+                cap(contact_id.trim(), 40)
+            )));
+        };
+        let path = format!("contacts({id})");
+        let prefer = format!("odata.include-annotations=\"{FORMATTED}\"");
+        let headers = [("Prefer", prefer.as_str())];
+        let mut columns: Vec<&str> = wanted.iter().map(|(_, column)| column.as_str()).collect();
+        columns.sort_unstable();
+        columns.dedup();
+        let select = columns.join(",");
+        let mut response = self.call(Method::GET, &path, &[("$select", select.as_str())], &headers, None).await?;
+        if response.status.as_u16() == 400 {
+            tracing::debug!(message = %self.scrub(&describe(&response)), "dataverse refused a $select; reading the whole row");
+            response = self.call(Method::GET, &path, &[], &headers, None).await?;
+        }
+        if !response.status.is_success() {
+            return Err(self.unexpected(&response));
+        }
+        let row: Map<String, Value> = response.json().map_err(|error| self.decode(error))?;
+        Ok(wanted
+            .into_iter()
+            .filter_map(|(name, column)| {
+                let value = shown_value(&row, &column).or_else(|| shown_value(&row, &format!("_{column}_value")))?;
+                Some((name.to_owned(), value))
+            })
+            .collect())
     }
 }

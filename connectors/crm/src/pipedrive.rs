@@ -40,7 +40,24 @@
 //! - **Archive**: Pipedrive has no archive for notes, so archiving deletes
 //!   them (`DELETE /notes/{id}`; Pipedrive keeps deleted items restorable
 //!   for a while in its own recovery). A 404 or 410 is done.
-//! - **Rollups** are person custom fields, written with `PUT /persons/{id}`.
+//!   `delete_activities` does the same: deletion is all Pipedrive offers.
+//! - **Rollups** are person custom fields, all written with one
+//!   `PUT /persons/{id}`: the totals, the last contribution's URL and
+//!   excerpt (large text, one line), the 90-day count and sentiment, the
+//!   attention flag (an `enum` field with the options `Yes` and `No`, written
+//!   by option id: Pipedrive has no yes/no type) and its reason, and per
+//!   platform the first and last sighting and the count, in fields named like
+//!   the handle fields. A figure without a value is written `null`, so an
+//!   old value never stays.
+//! - **Merging**: `PUT /persons/{merged}/merge` with `merge_with_id` set to
+//!   the survivor. Per Pipedrive's "Merging two persons" tutorial, the
+//!   person of `merge_with_id` is kept (its id, and its values where both
+//!   have one) and the person in the path is removed; notes, activities,
+//!   deals, e-mails and files move to the one kept. Merging again is done
+//!   when the merged person is gone (or inactive) and the survivor is there.
+//! - **Contact properties**: `GET /persons/{id}`, read by key (`org_name`,
+//!   `owner_name`, `label`) or by a person field's name as shown in
+//!   Pipedrive (built-in or custom); option ids become their labels.
 //! - **No batch API**: one request per record; a record refused with
 //!   400/422 is [`RecordOutcome::Rejected`] with Pipedrive's `error` and
 //!   `error_info` while the others land.
@@ -89,6 +106,10 @@ use self::fields::{handle_field, person_fields, profile_field};
 const PAGE_LIMIT: usize = 500;
 /// A guard against a server that always says there is more.
 const MAX_PAGES: usize = 200;
+/// The most characters of the rollups' large-text fields (last URL and excerpt).
+const ROLLUP_TEXT_MAX: usize = 1_000;
+/// The most characters of a `varchar` field.
+const VARCHAR_MAX: usize = 255;
 
 /// Settings of the Pipedrive sink (the `[crm]` table with `type = "pipedrive"`).
 #[derive(Debug, Clone, Deserialize)]
@@ -139,8 +160,54 @@ pub struct PipedriveCrm {
     token: SecretString,
     token_header: HeaderValue,
     base_url: Url,
-    /// Person field name -> key, read from `GET /personFields`.
-    field_keys: Mutex<Option<Arc<HashMap<String, String>>>>,
+    /// The person fields, read from `GET /personFields`.
+    fields: Mutex<Option<Arc<FieldIndex>>>,
+}
+
+/// What `GET /personFields` says about the person fields.
+#[derive(Debug, Default)]
+struct FieldIndex {
+    /// Field name -> key.
+    keys: Arc<HashMap<String, String>>,
+    /// Field key -> option id -> label, for `enum` and `set` fields
+    /// (the built-in `label` among them).
+    options: HashMap<String, HashMap<String, String>>,
+}
+
+impl FieldIndex {
+    fn read(listed: &[Value]) -> FieldIndex {
+        let mut keys = HashMap::new();
+        let mut options = HashMap::new();
+        for field in listed {
+            let (Some(name), Some(key)) = (field["name"].as_str(), field["key"].as_str()) else { continue };
+            keys.insert(name.to_owned(), key.to_owned());
+            let labels: HashMap<String, String> = field["options"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|option| Some((scalar_text(&option["id"])?, option["label"].as_str()?.to_owned())))
+                .collect();
+            if !labels.is_empty() {
+                options.insert(key.to_owned(), labels);
+            }
+        }
+        FieldIndex { keys: Arc::new(keys), options }
+    }
+
+    /// The key of the field named `name`, the exact name first, else
+    /// ignoring case.
+    fn key_of(&self, name: &str) -> Option<&str> {
+        self.keys
+            .get(name)
+            .or_else(|| self.keys.iter().find(|(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, key)| key))
+            .map(String::as_str)
+    }
+
+    /// The id of the option labelled `label` of the field with `key`.
+    fn option_id(&self, key: &str, label: &str) -> Option<&str> {
+        let options = self.options.get(key)?;
+        options.iter().find(|(_, text)| text.trim().eq_ignore_ascii_case(label)).map(|(id, _)| id.as_str())
+    }
 }
 
 impl std::fmt::Debug for PipedriveCrm {
@@ -195,7 +262,7 @@ impl PipedriveCrm {
         let token = SecretString::from(token.expose_secret().trim().to_owned());
         let mut token_header = HeaderValue::from_str(token.expose_secret()).map_err(|_| BuildError::TokenFormat)?;
         token_header.set_sensitive(true);
-        Ok(PipedriveCrm { http: HttpClient::new(http)?, token, token_header, base_url, field_keys: Mutex::new(None) })
+        Ok(PipedriveCrm { http: HttpClient::new(http)?, token, token_header, base_url, fields: Mutex::new(None) })
     }
 
     /// Replaces the token, should a server ever echo it, in text bound for
@@ -332,34 +399,35 @@ impl PipedriveCrm {
         Ok(items)
     }
 
-    /// Person field name -> key, cached; `refresh` reads them again.
-    async fn field_keys(&self, refresh: bool) -> Result<Arc<HashMap<String, String>>, CrmError> {
-        if !refresh && let Some(keys) = self.field_keys.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            return Ok(keys);
+    /// The person fields, cached; `refresh` reads them again.
+    async fn field_index(&self, refresh: bool) -> Result<Arc<FieldIndex>, CrmError> {
+        if !refresh && let Some(index) = self.fields.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(index);
         }
         let listed = self.list_all("/personFields", &[]).await?;
-        let keys: HashMap<String, String> = listed
-            .iter()
-            .filter_map(|field| Some((field.get("name")?.as_str()?.to_owned(), field.get("key")?.as_str()?.to_owned())))
-            .collect();
-        let keys = Arc::new(keys);
-        *self.field_keys.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys.clone());
-        Ok(keys)
+        let index = Arc::new(FieldIndex::read(&listed));
+        *self.fields.lock().unwrap_or_else(|p| p.into_inner()) = Some(index.clone());
+        Ok(index)
     }
 
-    /// The keys of `names`, reading the fields again once if one is
-    /// unknown; an error naming `crm setup` when it is still missing.
-    async fn require_fields(&self, names: &[&str]) -> Result<Arc<HashMap<String, String>>, CrmError> {
-        let keys = self.field_keys(false).await?;
-        if names.iter().all(|name| keys.contains_key(*name)) {
-            return Ok(keys);
+    /// Person field name -> key, cached; `refresh` reads them again.
+    async fn field_keys(&self, refresh: bool) -> Result<Arc<HashMap<String, String>>, CrmError> {
+        Ok(self.field_index(refresh).await?.keys.clone())
+    }
+
+    /// The fields, once all of `names` are known, reading them again once
+    /// if one is unknown; an error naming `crm setup` when it is still missing.
+    async fn require_fields(&self, names: &[&str]) -> Result<Arc<FieldIndex>, CrmError> {
+        let index = self.field_index(false).await?;
+        if names.iter().all(|name| index.keys.contains_key(*name)) {
+            return Ok(index);
         }
-        let keys = self.field_keys(true).await?;
-        match names.iter().find(|name| !keys.contains_key(**name)) {
+        let index = self.field_index(true).await?;
+        match names.iter().find(|name| !index.keys.contains_key(**name)) {
             Some(missing) => Err(CrmError::Transient(format!(
                 "the Pipedrive person field `{missing}` does not exist; run `tributary crm setup`"
             ))),
-            None => Ok(keys),
+            None => Ok(index),
         }
     }
 
@@ -400,9 +468,10 @@ impl PipedriveCrm {
         if email.is_none() && identity.is_empty() {
             return Ok(RecordOutcome::Rejected("the contact has neither an e-mail nor an identity".into()));
         }
-        let keys = self.require_fields(&[fields::IDENTITY]).await?;
+        let index = self.require_fields(&[fields::IDENTITY]).await?;
+        let keys = &*index.keys;
         let identity_key = keys.get(fields::IDENTITY).cloned().unwrap_or_default();
-        let mut body = self.contact_fields(&keys, contact);
+        let mut body = self.contact_fields(keys, contact);
         let (memo, found) = match &email {
             Some(email) => {
                 let memo = format!("email:{email}");
@@ -545,26 +614,120 @@ impl PipedriveCrm {
         })
     }
 
-    fn rollup_body(keys: &HashMap<String, String>, rollup: &Rollup) -> Value {
+    /// The person fields of one rollup, for one `PUT /persons/{id}`. Every
+    /// figure is written, `null` when it has no value, so a value from an
+    /// earlier rollup never stays. Fields missing in Pipedrive (a platform
+    /// `crm setup` did not see) are left out.
+    fn rollup_body(index: &FieldIndex, rollup: &Rollup) -> Value {
         let mut body = Map::new();
-        let mut put = |name: &str, value: Value| {
-            if let Some(key) = keys.get(name) {
+        let mut put = |name: &str, value: Value| match index.keys.get(name) {
+            Some(key) => {
                 body.insert(key.clone(), value);
             }
+            None => tracing::debug!(field = name, "pipedrive person field absent; run `crm setup` for this platform"),
         };
-        put(fields::LAST_CONTRIBUTION_AT, json!(rollup.last_contribution_at.format("%Y-%m-%d").to_string()));
+        let date = |at: DateTime<Utc>| json!(at.format("%Y-%m-%d").to_string());
+        let text = |value: Option<&str>, max: usize| {
+            let line = note::one_line(value.unwrap_or_default(), max);
+            if line.is_empty() { Value::Null } else { json!(line) }
+        };
+        put(fields::LAST_CONTRIBUTION_AT, date(rollup.last_contribution_at));
         put(fields::LAST_PLATFORM, json!(rollup.last_platform));
         put(fields::CONTRIBUTION_COUNT, json!(rollup.contribution_count));
         put(fields::PLATFORMS, json!(rollup.platforms.join(", ")));
-        if let Some(sentiment) = note::number(rollup.sentiment_avg).and_then(|s| s.parse::<f64>().ok()) {
+        if let Some(sentiment) = figure(rollup.sentiment_avg) {
             put(fields::SENTIMENT_AVG, json!(sentiment));
         }
         put(fields::QUESTIONS, json!(rollup.questions));
         put(fields::COMPLAINTS, json!(rollup.complaints));
         put(fields::IDEAS, json!(rollup.ideas));
         put(fields::PRAISE, json!(rollup.praise));
+        let last_url = rollup.last_url.as_deref().and_then(note::web_link);
+        put(fields::LAST_URL, text(last_url.as_deref(), ROLLUP_TEXT_MAX));
+        put(fields::LAST_EXCERPT, text(rollup.last_excerpt.as_deref(), ROLLUP_TEXT_MAX));
+        put(fields::COUNT_90D, json!(rollup.count_90d));
+        put(fields::SENTIMENT_90D, rollup.sentiment_avg_90d.and_then(figure).map_or(Value::Null, |s| json!(s)));
+        let flag = if rollup.needs_attention { fields::YES } else { fields::NO };
+        match index.keys.get(fields::NEEDS_ATTENTION).and_then(|key| index.option_id(key, flag)) {
+            Some(id) => put(fields::NEEDS_ATTENTION, id.parse::<u64>().map_or_else(|_| json!(id), |id| json!(id))),
+            None => tracing::debug!(option = flag, "pipedrive `{}` lacks this option", fields::NEEDS_ATTENTION),
+        }
+        put(fields::ATTENTION_REASON, text(rollup.attention_reason.as_deref(), VARCHAR_MAX));
+        for platform in &rollup.per_platform {
+            put(&fields::first_seen_field(&platform.platform), date(platform.first_seen));
+            put(&fields::last_seen_field(&platform.platform), date(platform.last_seen));
+            put(&fields::contributions_field(&platform.platform), json!(platform.contributions));
+        }
         Value::Object(body)
     }
+
+    /// Whether `merged` is already part of `survivor`, asked after
+    /// Pipedrive refused to merge them: yes when `merged` is gone (merged,
+    /// so deleted) while the survivor is an active person. `Err` with
+    /// Pipedrive's refusal when the survivor is not there.
+    async fn already_merged(&self, survivor: u64, merged: u64, refusal: &HttpResponse) -> Result<bool, CrmError> {
+        let found = self.call(Method::GET, &format!("/persons/{survivor}"), &[], None).await?;
+        match self.answer(&found)? {
+            Answer::Data(person) if person["active_flag"].as_bool() != Some(false) => {}
+            _ => return Err(self.unexpected(refusal)),
+        }
+        let found = self.call(Method::GET, &format!("/persons/{merged}"), &[], None).await?;
+        Ok(match self.answer(&found)? {
+            Answer::Missing(_) => true,
+            Answer::Data(person) => person["active_flag"].as_bool() == Some(false),
+            Answer::Refused(_) => false,
+        })
+    }
+}
+
+/// A figure as written to a `double` field: four decimals at most; `None`
+/// for NaN or infinities.
+fn figure(value: f64) -> Option<f64> {
+    note::number(value).and_then(|text| text.parse::<f64>().ok())
+}
+
+/// A JSON scalar as text: strings as they are, numbers and booleans written out.
+fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// A person's value as [`Crm::contact_properties`] gives it: option ids as
+/// their labels (a `set` field's comma-separated ids joined by `, `), an
+/// organization or owner by its name, e-mail and phone by their primary
+/// value; `None` when empty.
+fn display_value(value: &Value, options: Option<&HashMap<String, String>>) -> Option<String> {
+    let label = |text: &str| -> String {
+        let text = text.trim();
+        options.and_then(|options| options.get(text)).cloned().unwrap_or_else(|| text.to_owned())
+    };
+    let text = match value {
+        Value::Null => return None,
+        Value::Object(object) => {
+            let inner = ["name", "value"].into_iter().filter_map(|key| object.get(key)).find(|v| !v.is_null())?;
+            return display_value(inner, options);
+        }
+        Value::Array(items) => {
+            let primary = items.iter().find(|item| item["primary"].as_bool() == Some(true));
+            if let Some(primary) = primary {
+                return display_value(primary, options);
+            }
+            let shown: Vec<String> = items.iter().filter_map(|item| display_value(item, options)).collect();
+            shown.join(", ")
+        }
+        Value::String(text) => match options {
+            Some(options) if text.split(',').all(|id| options.contains_key(id.trim())) => {
+                text.split(',').map(label).collect::<Vec<_>>().join(", ")
+            }
+            _ => text.trim().to_owned(),
+        },
+        scalar => label(&scalar_text(scalar)?),
+    };
+    (!text.trim().is_empty()).then(|| text.trim().to_owned())
 }
 
 /// Pipedrive's `error` and `error_info`, or the body itself when it has neither.
@@ -607,7 +770,10 @@ impl Crm for PipedriveCrm {
                 report.existing.push(name);
                 continue;
             }
-            let body = json!({ "name": field.name, "field_type": field.field_type });
+            let mut body = json!({ "name": field.name, "field_type": field.field_type });
+            if !field.options.is_empty() {
+                body["options"] = field.options.iter().map(|label| json!({ "label": label })).collect();
+            }
             let response = self.call(Method::POST, "/personFields", &[], Some(&body)).await?;
             match self.answer(&response)? {
                 Answer::Data(_) => report.created.push(name),
@@ -692,7 +858,7 @@ impl Crm for PipedriveCrm {
         if rollups.is_empty() {
             return Ok(Vec::new());
         }
-        let keys = self.require_fields(&fields::ROLLUP_FIELDS).await?;
+        let index = self.require_fields(&fields::ROLLUP_FIELDS).await?;
         let mut outcomes = Vec::with_capacity(rollups.len());
         for rollup in rollups {
             let Ok(id) = rollup.contact_id.trim().parse::<u64>() else {
@@ -702,7 +868,7 @@ impl Crm for PipedriveCrm {
                 )));
                 continue;
             };
-            let body = Self::rollup_body(&keys, rollup);
+            let body = Self::rollup_body(&index, rollup);
             let response = self.call(Method::PUT, &format!("/persons/{id}"), &[], Some(&body)).await?;
             outcomes.push(match self.answer(&response)? {
                 Answer::Data(_) => RecordOutcome::Done(()),
@@ -710,5 +876,89 @@ impl Crm for PipedriveCrm {
             });
         }
         Ok(outcomes)
+    }
+
+    /// `DELETE /notes/{id}`, as archiving does; a note already gone is done.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// `PUT /persons/{merged}/merge` with `merge_with_id: survivor`: the
+    /// person in the path is merged into `merge_with_id`, which keeps its id
+    /// (and its values where both have one) and gains the other's notes,
+    /// activities and deals; the merged person is deleted. A refusal is
+    /// done when the merge already happened (`merged` gone, the survivor
+    /// there).
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let parse = |id: &str| id.trim().parse::<u64>().ok();
+        let (Some(survivor), Some(merged)) = (parse(survivor), parse(merged)) else {
+            return Err(CrmError::Unsupported(format!(
+                "merging Pipedrive persons needs two person ids, not `{}` and `{}`",
+                survivor.trim(),
+                merged.trim()
+            )));
+        };
+        if survivor == merged {
+            return Ok(());
+        }
+        let body = json!({ "merge_with_id": survivor });
+        let response = self.call(Method::PUT, &format!("/persons/{merged}/merge"), &[], Some(&body)).await?;
+        match self.answer(&response)? {
+            Answer::Data(data) => {
+                if let Some(id) = data["id"].as_u64()
+                    && id != survivor
+                {
+                    return Err(CrmError::Unsupported(format!(
+                        "Pipedrive merged person {merged} into {survivor} but the result has the id {id}; \
+                         Tributary's links still name {survivor}: link the person to {id} again"
+                    )));
+                }
+                tracing::info!(survivor, merged, "pipedrive persons merged");
+                Ok(())
+            }
+            Answer::Refused(message) | Answer::Missing(message) => {
+                if self.already_merged(survivor, merged, &response).await? {
+                    tracing::info!(survivor, merged, "pipedrive persons were already merged");
+                    return Ok(());
+                }
+                tracing::debug!(survivor, merged, %message, "pipedrive refused a merge");
+                Err(self.unexpected(&response))
+            }
+        }
+    }
+
+    /// `GET /persons/{id}`: each name is a key of the answer (`org_name`,
+    /// `owner_name`, `label`, a custom field's hash) or a person field's
+    /// name as Pipedrive shows it (`Organization`, `Label`, a custom
+    /// field's name), matched ignoring case. Values are text: option ids
+    /// as their labels, an organization or owner by name, the primary
+    /// e-mail or phone. An unknown person is an error.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        let Ok(id) = contact_id.trim().parse::<u64>() else {
+            return Err(CrmError::Unsupported(format!("`{}` is not a Pipedrive person id", contact_id.trim())));
+        };
+        let index = self.field_index(false).await?;
+        let body = self.get_ok(&format!("/persons/{id}"), &[]).await?;
+        let Some(person) = body["data"].as_object() else {
+            return Err(CrmError::Decode(format!("Pipedrive's answer for person {id} has no `data` object")));
+        };
+        Ok(wanted
+            .into_iter()
+            .filter_map(|name| {
+                let key = if person.contains_key(name) { name } else { index.key_of(name)? };
+                let value = display_value(person.get(key)?, index.options.get(key))?;
+                Some((name.to_owned(), value))
+            })
+            .collect())
     }
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{Map, Value, json};
-use tributary_sdk::{Contribution, Intent, Signals};
+use tributary_sdk::{Contribution, Intent, PlatformRollup, Signals};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::any};
 
 use super::*;
@@ -35,6 +35,7 @@ struct Env {
     attributes: HashMap<String, String>,
     keys: Vec<String>,
     definition_posts: u32,
+    merges: u32,
     next_id: u128,
 }
 
@@ -81,6 +82,22 @@ fn literals(filter: &str) -> Vec<String> {
     }
     out
 }
+
+/// Standard contact columns the fake knows besides Tributary's.
+const STANDARD_COLUMNS: &[&str] = &[
+    "contactid",
+    "statecode",
+    "statuscode",
+    "merged",
+    "_masterid_value",
+    "emailaddress1",
+    "lastname",
+    "jobtitle",
+    "telephone1",
+    "customertypecode",
+    "_parentcustomerid_value",
+    "createdon",
+];
 
 /// `name(inner)` → `inner`.
 fn key_of<'a>(segment: &'a str, name: &str) -> Option<&'a str> {
@@ -142,9 +159,11 @@ impl FakeDataverse {
                 let filter = query("$filter").unwrap_or_default();
                 let wanted = literals(&filter);
                 let column = filter.split(' ').next().unwrap_or_default().to_owned();
+                let active_only = filter.ends_with(" and statecode eq 0");
                 let rows: Vec<Value> = env
                     .contacts
                     .iter()
+                    .filter(|row| !active_only || row.get("statecode").and_then(Value::as_i64).unwrap_or(0) == 0)
                     .filter(|row| {
                         row.get(&column)
                             .and_then(Value::as_str)
@@ -153,6 +172,80 @@ impl FakeDataverse {
                     .map(|row| Value::Object(row.clone()))
                     .collect();
                 ResponseTemplate::new(200).set_body_json(json!({ "value": rows }))
+            }
+            ("GET", route) if route.starts_with("contacts(") => {
+                let id = key_of(route, "contacts").unwrap_or_default().to_owned();
+                let formatted = header("prefer").is_some_and(|prefer| {
+                    prefer.contains("odata.include-annotations=\"OData.Community.Display.V1.FormattedValue\"")
+                });
+                let known: Vec<String> = env.attributes.keys().cloned().collect();
+                let Some(row) = env.contact(&id) else {
+                    return error(404, "0x80040217", &format!("contact With Id = {id} Does Not Exist"));
+                };
+                let columns: Vec<String> = match query("$select") {
+                    Some(select) => select.split(',').map(str::to_owned).collect(),
+                    None => row.keys().filter(|key| !key.contains('@')).cloned().collect(),
+                };
+                let mut answer = Map::new();
+                for column in columns {
+                    let is_known = row.contains_key(&column)
+                        || STANDARD_COLUMNS.contains(&column.as_str())
+                        || known.contains(&column);
+                    if !is_known {
+                        return error(
+                            400,
+                            "0x80060888",
+                            &format!(
+                                "Could not find a property named '{column}' on type 'Microsoft.Dynamics.CRM.contact'."
+                            ),
+                        );
+                    }
+                    answer.insert(column.clone(), row.get(&column).cloned().unwrap_or(Value::Null));
+                    let annotation = format!("{column}@OData.Community.Display.V1.FormattedValue");
+                    if let Some(text) = row.get(&annotation).filter(|_| formatted) {
+                        answer.insert(annotation, text.clone());
+                    }
+                }
+                ResponseTemplate::new(200).set_body_json(Value::Object(answer))
+            }
+            ("POST", "Merge") => {
+                let reference = |name: &str| {
+                    let entity = &body[name];
+                    (entity["@odata.type"] == "Microsoft.Dynamics.CRM.contact")
+                        .then(|| entity["contactid"].as_str().map(str::to_owned))
+                        .flatten()
+                };
+                let (Some(target), Some(subordinate)) = (reference("Target"), reference("Subordinate")) else {
+                    return error(400, "0x80040203", "Target and Subordinate must be typed contact references");
+                };
+                if body["UpdateContent"]["@odata.type"] != "Microsoft.Dynamics.CRM.contact"
+                    || !body["PerformParentingChecks"].is_boolean()
+                {
+                    return error(400, "0x80040203", "UpdateContent and PerformParentingChecks are required");
+                }
+                for id in [&target, &subordinate] {
+                    match env.contact(id) {
+                        None => return error(404, "0x80040217", &format!("contact With Id = {id} Does Not Exist")),
+                        Some(row) if row.get("statecode").and_then(Value::as_i64).unwrap_or(0) != 0 => {
+                            return error(400, "0x8004d21b", "An inactive record cannot be merged.");
+                        }
+                        Some(_) => {}
+                    }
+                }
+                // The subordinate's notes go to the target; the subordinate is deactivated.
+                let from = json!(format!("/contacts({subordinate})"));
+                for note in env.notes.values_mut() {
+                    if note.get("objectid_contact@odata.bind") == Some(&from) {
+                        note.insert("objectid_contact@odata.bind".into(), json!(format!("/contacts({target})")));
+                    }
+                }
+                let Some(row) = env.contact(&subordinate) else { return error(404, "0x0", "gone") };
+                row.insert("statecode".into(), json!(1));
+                row.insert("statuscode".into(), json!(2));
+                row.insert("merged".into(), json!(true));
+                row.insert("_masterid_value".into(), json!(target));
+                env.merges += 1;
+                ResponseTemplate::new(204)
             }
             ("PATCH", route) if route.starts_with("contacts(") => {
                 let inner = key_of(route, "contacts").unwrap_or_default().to_owned();
@@ -546,6 +639,22 @@ async fn setup_creates_the_columns_and_key_once() {
         assert_eq!(env.attributes["tributary_sentiment"], "Microsoft.Dynamics.CRM.DecimalAttributeMetadata");
         assert_eq!(env.attributes["tributary_lastcontribution"], "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata");
         assert_eq!(env.attributes["tributary_praise"], "Microsoft.Dynamics.CRM.IntegerAttributeMetadata");
+        for (column, kind) in [
+            ("tributary_lasturl", "StringAttributeMetadata"),
+            ("tributary_lastexcerpt", "StringAttributeMetadata"),
+            ("tributary_contributions90d", "IntegerAttributeMetadata"),
+            ("tributary_sentiment90d", "DecimalAttributeMetadata"),
+            ("tributary_needsattention", "BooleanAttributeMetadata"),
+            ("tributary_attentionreason", "StringAttributeMetadata"),
+            ("tributary_discoursefirstseen", "DateTimeAttributeMetadata"),
+            ("tributary_stackexchangelastseen", "DateTimeAttributeMetadata"),
+            ("tributary_stackexchangecontributions", "IntegerAttributeMetadata"),
+        ] {
+            assert_eq!(
+                env.attributes.get(column).map(String::as_str),
+                Some(&*format!("Microsoft.Dynamics.CRM.{kind}"))
+            );
+        }
         assert_eq!(env.keys, ["tributary_identitykey"]);
         env.definition_posts
     };
@@ -616,4 +725,251 @@ fn keys_literals_and_note_text() {
     let text = note_text(&long);
     assert!(text.chars().count() <= 100_000, "{}", text.chars().count());
     assert_eq!(subject(&long), "discourse post");
+}
+
+/// The Web API requests (not the token's) received since `from`: (method, path and query).
+async fn api_calls(f: &Fixture, from: usize) -> Vec<(String, String)> {
+    let requests = f.server.received_requests().await.unwrap();
+    requests[from..]
+        .iter()
+        .filter(|r| r.url.path().starts_with(API_PREFIX))
+        .map(|r| {
+            let path = r.url.path().trim_start_matches(API_PREFIX).to_owned();
+            (r.method.to_string(), path)
+        })
+        .collect()
+}
+
+async fn mark(f: &Fixture) -> usize {
+    f.server.received_requests().await.unwrap().len()
+}
+
+#[tokio::test]
+async fn merge_moves_the_notes_to_the_survivor_and_merging_again_is_done() {
+    let f = fixture().await;
+    let contacts = [
+        contact("discourse:7", None, "mayac", Some("Maya")),
+        contact("discourse:8", None, "maya2", Some("Maya C")),
+        contact("discourse:9", None, "other", Some("Other")),
+    ];
+    let ids = done(f.crm.upsert_contacts(&contacts).await.unwrap());
+    let (survivor, merged, other) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
+    let activities = [activity("1", &survivor), activity("2", &merged), activity("3", &merged)];
+    let notes = done(f.crm.upsert_activities(&activities).await.unwrap());
+
+    let from = mark(&f).await;
+    f.crm.merge_contacts(&survivor, &merged).await.unwrap();
+    let calls = api_calls(&f, from).await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0], ("GET".into(), format!("contacts({merged})")));
+    assert_eq!(calls[1], ("POST".into(), "Merge".into()));
+    let requests = f.server.received_requests().await.unwrap();
+    let merge = requests[from..].iter().find(|r| r.url.path().ends_with("/Merge")).unwrap();
+    let sent: Value = serde_json::from_slice(&merge.body).unwrap();
+    assert_eq!(
+        sent,
+        json!({
+            "Target": { "@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": survivor },
+            "Subordinate": { "@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": merged },
+            "UpdateContent": { "@odata.type": "Microsoft.Dynamics.CRM.contact" },
+            "PerformParentingChecks": false,
+        })
+    );
+    {
+        let mut env = f.env.lock().unwrap();
+        // Moved, not copied: the same three notes, all on the survivor.
+        assert_eq!((env.notes.len(), env.note_creates, env.merges), (3, 3, 1));
+        for note in &notes {
+            assert_eq!(env.notes[note]["objectid_contact@odata.bind"], format!("/contacts({survivor})"));
+        }
+        let row = env.contact(&merged).unwrap();
+        assert_eq!((&row["statecode"], &row["merged"]), (&json!(1), &json!(true)));
+        assert_eq!(row["_masterid_value"], json!(survivor));
+        assert_eq!(env.contact(&survivor).unwrap().get("statecode"), None, "the survivor stays as it was");
+    }
+    // The merged contact, inactive now, is no longer found by its handle.
+    let lookup = ContactLookup::Handle { platform: "discourse".into(), handle: "maya2".into() };
+    assert_eq!(f.crm.find_contact(&lookup).await.unwrap(), None);
+    let lookup = ContactLookup::Handle { platform: "discourse".into(), handle: "mayac".into() };
+    assert_eq!(f.crm.find_contact(&lookup).await.unwrap(), Some(survivor.clone()));
+
+    // Merging again: the subordinate says it went into the survivor; no second Merge.
+    let from = mark(&f).await;
+    f.crm.merge_contacts(&survivor, &merged).await.unwrap();
+    assert_eq!(api_calls(&f, from).await, [("GET".to_owned(), format!("contacts({merged})"))]);
+    assert_eq!(f.env.lock().unwrap().merges, 1);
+
+    // Merged into another contact: not this merge, an error that says so.
+    let error = f.crm.merge_contacts(&other, &merged).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Unsupported(m) if m.contains(&format!("merged into {survivor}"))), "{error}");
+    // A subordinate gone while the survivor is active: nothing left to move.
+    let gone = "0f0e0d0c-0000-4000-8000-0000000000ff";
+    f.crm.merge_contacts(&survivor, gone).await.unwrap();
+    // A survivor that does not exist: Dataverse refuses, the error says why.
+    let error = f.crm.merge_contacts(gone, &other).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Unsupported(m) if m.contains("does not exist")), "{error}");
+    // A survivor that was itself merged away.
+    let error = f.crm.merge_contacts(&merged, &other).await.unwrap_err();
+    assert!(matches!(&error, CrmError::Unsupported(m) if m.contains("itself merged into")), "{error}");
+    assert_eq!(f.env.lock().unwrap().merges, 1);
+    assert_eq!(f.env.lock().unwrap().contact(&other).unwrap().get("merged"), None);
+
+    f.crm.merge_contacts(&survivor, &survivor.to_uppercase()).await.unwrap();
+    let error = f.crm.merge_contacts("003xx", &survivor).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn delete_activities_deletes_the_notes_and_one_already_gone_is_done() {
+    let f = fixture().await;
+    let ids = done(f.crm.upsert_contacts(&[contact("discourse:7", None, "mayac", None)]).await.unwrap());
+    let notes = done(f.crm.upsert_activities(&[activity("1", &ids[0]), activity("2", &ids[0])]).await.unwrap());
+    let from = mark(&f).await;
+    let deleted = f.crm.delete_activities(&[notes[0].clone(), notes[0].clone(), "nope".into()]).await.unwrap();
+    assert_eq!(
+        deleted,
+        [
+            RecordOutcome::Done(()),
+            RecordOutcome::Done(()),
+            RecordOutcome::Rejected("`nope` is not a Dataverse note id".into())
+        ]
+    );
+    let delete = ("DELETE".to_owned(), format!("annotations({})", notes[0]));
+    assert_eq!(api_calls(&f, from).await, [delete.clone(), delete]);
+    let env = f.env.lock().unwrap();
+    assert_eq!(env.notes.keys().collect::<Vec<_>>(), [&notes[1]]);
+}
+
+#[tokio::test]
+async fn contact_properties_gives_formatted_values_and_reads_lookups() {
+    let f = fixture().await;
+    let ids = done(f.crm.upsert_contacts(&[contact("discourse:7", None, "mayac", None)]).await.unwrap());
+    let id = ids[0].clone();
+    {
+        let mut env = f.env.lock().unwrap();
+        let row = env.contact(&id).unwrap();
+        for (column, value) in [
+            ("customertypecode", json!(3)),
+            ("customertypecode@OData.Community.Display.V1.FormattedValue", json!("Customer")),
+            ("jobtitle", json!(" CTO ")),
+            ("telephone1", Value::Null),
+            ("_parentcustomerid_value", json!("0f0e0d0c-0000-4000-8000-0000000000aa")),
+            ("_parentcustomerid_value@OData.Community.Display.V1.FormattedValue", json!("Acme Corp")),
+        ] {
+            row.insert(column.into(), value);
+        }
+    }
+    let names = |list: &[&str]| list.iter().map(|name| name.to_string()).collect::<Vec<_>>();
+    let expect = |pairs: &[(&str, &str)]| {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>()
+    };
+
+    let from = mark(&f).await;
+    let read = f
+        .crm
+        .contact_properties(
+            &id,
+            &names(&["customertypecode", "JobTitle", "telephone1", "tributary_identity", "bad name!", ""]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        expect(&[("JobTitle", "CTO"), ("customertypecode", "Customer"), ("tributary_identity", "discourse:7")])
+    );
+    let requests = f.server.received_requests().await.unwrap();
+    let api: Vec<&Request> = requests[from..].iter().filter(|r| r.url.path().starts_with(API_PREFIX)).collect();
+    assert_eq!(api.len(), 1, "one read");
+    let select = api[0].url.query_pairs().find(|(k, _)| k == "$select").map(|(_, v)| v.into_owned());
+    assert_eq!(select.as_deref(), Some("customertypecode,jobtitle,telephone1,tributary_identity"));
+    let prefer = api[0].headers.get("prefer").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert_eq!(prefer, "odata.include-annotations=\"OData.Community.Display.V1.FormattedValue\"");
+
+    // A lookup named plainly: the $select is refused, the whole row is read.
+    let from = mark(&f).await;
+    let read = f.crm.contact_properties(&id, &names(&["parentcustomerid", "jobtitle", "nosuchcolumn"])).await.unwrap();
+    assert_eq!(read, expect(&[("jobtitle", "CTO"), ("parentcustomerid", "Acme Corp")]));
+    let calls = api_calls(&f, from).await;
+    assert_eq!(calls, [("GET".to_owned(), format!("contacts({id})")), ("GET".to_owned(), format!("contacts({id})"))]);
+
+    assert!(f.crm.contact_properties(&id, &[]).await.unwrap().is_empty());
+    let gone = "0f0e0d0c-0000-4000-8000-0000000000ff";
+    let error = f.crm.contact_properties(gone, &names(&["jobtitle"])).await.unwrap_err();
+    assert!(matches!(error, CrmError::Http(HttpError::Status { status: 404, .. })), "{error:?}");
+    let error = f.crm.contact_properties("x", &names(&["jobtitle"])).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn rollups_write_the_new_figures_in_one_patch_and_clear_stale_ones() {
+    let f = fixture().await;
+    let ids = done(f.crm.upsert_contacts(&[contact("discourse:7", None, "mayac", None)]).await.unwrap());
+    let id = ids[0].clone();
+    let at = |seconds| chrono::DateTime::from_timestamp(seconds, 0).unwrap();
+    let platform = |name: &str, contributions| PlatformRollup {
+        platform: name.into(),
+        handle: Some("mayac".into()),
+        profile_url: None,
+        first_seen: at(1_600_000_000),
+        last_seen: at(1_700_000_000),
+        contributions,
+    };
+    let full = Rollup {
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("  Export\nis   broken\r\nagain ".into()),
+        count_90d: 4,
+        sentiment_avg_90d: Some(-0.612_345),
+        needs_attention: true,
+        attention_reason: Some(format!("an unresolved complaint\n{}", "x".repeat(2000))),
+        per_platform: vec![platform("discourse", 2), platform("GitHub", 1)],
+        ..rollup(&id)
+    };
+    let from = mark(&f).await;
+    done(f.crm.update_rollups(std::slice::from_ref(&full)).await.unwrap());
+    assert_eq!(api_calls(&f, from).await, [("PATCH".to_owned(), format!("contacts({id})"))], "one write");
+    {
+        let mut env = f.env.lock().unwrap();
+        let row = env.contact(&id).unwrap().clone();
+        assert_eq!(row["tributary_contributioncount"], 3);
+        assert_eq!(row["tributary_lasturl"], "https://community.example.com/t/42");
+        assert_eq!(row["tributary_lastexcerpt"], "Export is broken again");
+        assert_eq!(row["tributary_contributions90d"], 4);
+        assert_eq!(row["tributary_sentiment90d"], -0.612);
+        assert_eq!(row["tributary_needsattention"], true);
+        let reason = row["tributary_attentionreason"].as_str().unwrap();
+        assert!(reason.starts_with("an unresolved complaint xxx") && reason.ends_with('…'), "{reason}");
+        assert!(reason.chars().count() <= 1000 && !reason.contains('\n'));
+        assert_eq!(row["tributary_discoursefirstseen"], "2020-09-13T12:26:40Z");
+        assert_eq!(row["tributary_discourselastseen"], "2023-11-14T22:13:20Z");
+        assert_eq!(row["tributary_discoursecontributions"], 2);
+        assert_eq!(row["tributary_githubcontributions"], 1);
+    }
+
+    // Without the optional figures: the old values are cleared.
+    done(f.crm.update_rollups(&[rollup(&id)]).await.unwrap());
+    let mut env = f.env.lock().unwrap();
+    let row = env.contact(&id).unwrap();
+    for column in ["tributary_lasturl", "tributary_lastexcerpt", "tributary_sentiment90d", "tributary_attentionreason"]
+    {
+        assert_eq!(row[column], Value::Null, "{column}");
+    }
+    assert_eq!((&row["tributary_needsattention"], &row["tributary_contributions90d"]), (&json!(false), &json!(0)));
+}
+
+#[test]
+fn the_yes_no_column_is_a_boolean_with_its_two_options() {
+    let column = Column::new("t_flag".into(), "Flag", ColumnKind::Flag, "A flag.");
+    let body = column.create_body();
+    assert_eq!(body["@odata.type"], "Microsoft.Dynamics.CRM.BooleanAttributeMetadata");
+    assert_eq!(body["OptionSet"]["@odata.type"], "Microsoft.Dynamics.CRM.BooleanOptionSetMetadata");
+    assert_eq!(body["OptionSet"]["TrueOption"]["Value"], 1);
+    assert_eq!(body["OptionSet"]["FalseOption"]["Value"], 0);
+    assert_eq!(body["SchemaName"], "t_flag");
+    assert_eq!(one_line(" a\n\tb ", 10), "a b");
+    assert_eq!(one_line("abcdef ghijkl", 9), "abcdef g…");
+    assert_eq!(logical_name(" JobTitle "), Some("jobtitle".into()));
+    assert_eq!(logical_name("_parentcustomerid_value").as_deref(), Some("_parentcustomerid_value"));
+    for bad in ["", "a b", "x,y", "9a", "a'b"] {
+        assert_eq!(logical_name(bad), None, "{bad:?}");
+    }
 }

@@ -27,9 +27,26 @@ pub(crate) fn marker(key: &str) -> String {
 pub(crate) use tributary_sdk::text::decimal as number;
 
 /// The URL when it is an absolute http(s) URL, normalised by the parser.
-fn web_link(url: &str) -> Option<String> {
+pub(crate) fn web_link(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url.trim()).ok()?;
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
+}
+
+/// `text` on one line for a person field: every run of whitespace or
+/// control characters becomes one space, and text past `max_chars`
+/// characters is cut at the limit, ending with `…`. Custom field values are
+/// plain text in Pipedrive (it escapes them itself), so nothing is escaped.
+pub(crate) fn one_line(text: &str, max_chars: usize) -> String {
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let folded = words.join(" ");
+    if folded.chars().count() <= max_chars {
+        return folded;
+    }
+    let mut out: String = folded.chars().take(max_chars.saturating_sub(1)).collect();
+    out.truncate(out.trim_end().len());
+    out.push('…');
+    out
 }
 
 /// The note content: a `[deleted]` marker, the title, the text, a link, a
@@ -121,5 +138,16 @@ mod tests {
         long.body = "\"<>".repeat(50_000);
         let content = note_content("k", &long);
         assert!(content.len() < 70_000 && content.contains('…') && !content.contains("&quo…"));
+    }
+
+    #[test]
+    fn pipedrive_one_line_folds_whitespace_and_caps() {
+        assert_eq!(one_line("  a\r\nb\t\u{7}c  ", 100), "a b c");
+        assert_eq!(one_line("", 10), "");
+        assert_eq!(one_line("abcdef ghijkl", 9), "abcdef g…");
+        assert_eq!(one_line("abcdefghij", 5), "abcd…");
+        let capped = one_line(&"é ".repeat(500), 255);
+        assert!(capped.chars().count() <= 255 && capped.chars().count() > 250, "{capped}");
+        assert!(capped.ends_with('…'));
     }
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use chrono::TimeZone;
-use tributary_sdk::{Contribution, Intent, Signals};
+use tributary_sdk::{Contribution, Intent, PlatformRollup, Signals};
 use wiremock::{
     Mock, MockServer, Request, ResponseTemplate,
     matchers::{body_string_contains, method, path},
@@ -26,6 +26,9 @@ struct State {
     next_id: u64,
     /// name -> (key, field_type)
     fields: BTreeMap<String, (String, String)>,
+    /// name -> the options of an `enum` or `set` field, `{id, label}`.
+    options: BTreeMap<String, Vec<Value>>,
+    next_option: u64,
     persons: BTreeMap<u64, Map<String, Value>>,
     notes: BTreeMap<u64, Value>,
 }
@@ -73,9 +76,20 @@ impl Pipedrive {
                 let mut list = vec![
                     json!({ "id": 1, "key": "name", "name": "Name", "field_type": "varchar" }),
                     json!({ "id": 2, "key": "email", "name": "Email", "field_type": "varchar" }),
+                    json!({ "id": 3, "key": "phone", "name": "Phone", "field_type": "phone" }),
+                    json!({ "id": 4, "key": "org_id", "name": "Organization", "field_type": "org" }),
+                    json!({ "id": 5, "key": "owner_id", "name": "Owner", "field_type": "user" }),
+                    json!({ "id": 6, "key": "label", "name": "Label", "field_type": "enum", "options": [
+                        { "id": 5, "label": "Hot lead", "color": "red" },
+                        { "id": 6, "label": "Customer", "color": "green" },
+                    ] }),
                 ];
                 list.extend(state.fields.iter().map(|(name, (key, field_type))| {
-                    json!({ "id": 100, "key": key, "name": name, "field_type": field_type })
+                    let mut field = json!({ "id": 100, "key": key, "name": name, "field_type": field_type });
+                    if let Some(options) = state.options.get(name) {
+                        field["options"] = json!(options);
+                    }
+                    field
                 }));
                 ok(200, json!(list))
             }
@@ -85,7 +99,22 @@ impl Pipedrive {
                 };
                 let key = hex::encode(sha2::Sha256::digest(name.as_bytes()))[..40].to_owned();
                 state.fields.insert(name.to_owned(), (key.clone(), field_type.to_owned()));
-                ok(200, json!({ "id": 100, "key": key, "name": name, "field_type": field_type }))
+                let labels: Vec<String> = body["options"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|option| option["label"].as_str().map(str::to_owned))
+                    .collect();
+                if matches!(field_type, "enum" | "set") && labels.is_empty() {
+                    return fail(400, "Options are required for enum and set fields");
+                }
+                let mut options = Vec::new();
+                for label in labels {
+                    state.next_option += 1;
+                    options.push(json!({ "id": 1000 + state.next_option, "label": label }));
+                }
+                state.options.insert(name.to_owned(), options.clone());
+                ok(200, json!({ "id": 100, "key": key, "name": name, "field_type": field_type, "options": options }))
             }
             ("GET", ["persons", "search"]) => {
                 let term = query.get("term").cloned().unwrap_or_default().to_lowercase();
@@ -129,6 +158,37 @@ impl Pipedrive {
                 }
                 None => fail(404, "Person not found"),
             },
+            ("PUT", ["persons", _, "merge"]) => {
+                let (Some(id), Some(target)) = (id, body["merge_with_id"].as_u64()) else {
+                    return fail(400, "merge_with_id is required");
+                };
+                if id == target {
+                    return fail(400, "Cannot merge a person with itself");
+                }
+                if !state.persons.contains_key(&target) {
+                    return fail(404, "Person not found");
+                }
+                let Some(merged) = state.persons.get(&id).cloned() else { return fail(404, "Person not found") };
+                if merged.get("active_flag") == Some(&json!(false)) {
+                    return fail(400, "Person is deleted");
+                }
+                state.persons.remove(&id);
+                // The kept person's values win; its empty fields take the other's.
+                let Some(kept) = state.persons.get_mut(&target) else { return fail(404, "Person not found") };
+                for (field, value) in merged {
+                    if field != "id" && kept.get(&field).is_none_or(Value::is_null) {
+                        kept.insert(field, value);
+                    }
+                }
+                let mut answer = kept.clone();
+                answer.insert("merge_what_id".into(), json!(id));
+                for note in state.notes.values_mut() {
+                    if note["person_id"].as_u64() == Some(id) {
+                        note["person_id"] = json!(target);
+                    }
+                }
+                ok(200, Value::Object(answer))
+            }
             ("GET", ["notes"]) => {
                 let person: Option<u64> = query.get("person_id").and_then(|p| p.parse().ok());
                 let notes: Vec<Value> =
@@ -329,9 +389,36 @@ async fn check(harness: &Harness, index: usize, verb: &str, route: &str, body: &
 async fn pipedrive_setup_creates_fields_once_and_is_idempotent() {
     let h = start().await;
     let first = h.crm.setup(&["forum".into(), "social".into()]).await.unwrap();
-    assert_eq!(first.created.len(), 5 + fields::ROLLUP_FIELDS.len(), "{first:?}");
+    let expected = fields::person_fields(&["forum".into(), "social".into()]);
+    assert_eq!(first.created.len(), expected.len(), "{first:?}");
+    assert_eq!(expected.len(), 1 + 2 * 5 + fields::ROLLUP_FIELDS.len());
     assert!(first.existing.is_empty());
-    assert!(first.created.contains(&"personFields/Tributary handle (social)".to_owned()));
+    for name in [
+        "Tributary handle (social)",
+        fields::LAST_URL,
+        fields::LAST_EXCERPT,
+        fields::COUNT_90D,
+        fields::SENTIMENT_90D,
+        fields::NEEDS_ATTENTION,
+        fields::ATTENTION_REASON,
+        "Tributary first seen (forum)",
+        "Tributary last seen (social)",
+        "Tributary contributions (social)",
+    ] {
+        assert!(first.created.contains(&format!("personFields/{name}")), "{name} not in {first:?}");
+    }
+    {
+        let state = h.pipedrive.state();
+        let field_type = |name: &str| state.fields[name].1.clone();
+        assert_eq!(field_type(fields::LAST_URL), "text");
+        assert_eq!(field_type(fields::ATTENTION_REASON), "varchar");
+        assert_eq!(field_type(fields::COUNT_90D), "double");
+        assert_eq!(field_type("Tributary first seen (forum)"), "date");
+        assert_eq!(field_type(fields::NEEDS_ATTENTION), "enum");
+        let labels: Vec<&str> =
+            state.options[fields::NEEDS_ATTENTION].iter().filter_map(|o| o["label"].as_str()).collect();
+        assert_eq!(labels, ["Yes", "No"]);
+    }
     check(&h, 0, "GET", "/personFields", &[]).await;
     check(&h, 1, "POST", "/personFields", &[("/name", json!("Tributary identity")), ("/field_type", json!("varchar"))])
         .await;
@@ -339,6 +426,7 @@ async fn pipedrive_setup_creates_fields_once_and_is_idempotent() {
     assert!(count.created.is_empty(), "{count:?}");
     assert_eq!(count.existing.len(), first.created.len());
     assert_eq!(h.count("POST", "/personFields").await, first.created.len(), "nothing created twice");
+    assert_eq!(h.pipedrive.state().options[fields::NEEDS_ATTENTION].len(), 2);
     h.crm.check().await.unwrap();
 }
 
@@ -609,4 +697,248 @@ async fn pipedrive_find_contact_by_email_and_by_handle_field() {
     ] {
         assert_eq!(h.crm.find_contact(&lookup).await.unwrap(), expected, "{lookup:?}");
     }
+}
+
+fn ids_of<T: Clone + std::fmt::Debug>(outcomes: &[RecordOutcome<T>]) -> Vec<T> {
+    done(outcomes).into_iter().cloned().collect()
+}
+
+fn number(id: &str) -> u64 {
+    id.parse().unwrap()
+}
+
+#[tokio::test]
+async fn pipedrive_merge_moves_notes_to_the_survivor_and_merging_again_is_done() {
+    let h = harness().await;
+    let contacts = [contact("7", Some("maya@example.com"), "mayac"), contact("8", None, "maya_alt")];
+    let ids = ids_of(&h.crm.upsert_contacts(&contacts).await.unwrap());
+    let (survivor, merged) = (ids[0].clone(), ids[1].clone());
+    let batch = [activity("1", &survivor, "one"), activity("2", &merged, "two"), activity("3", &merged, "three")];
+    let mut notes = ids_of(&h.crm.upsert_activities(&batch).await.unwrap());
+    notes.sort();
+
+    h.mark().await;
+    h.crm.merge_contacts(&survivor, &merged).await.unwrap();
+    check(&h, 0, "PUT", &format!("/persons/{merged}/merge"), &[("/merge_with_id", json!(number(&survivor)))]).await;
+    assert_eq!(h.calls().await.len(), 1, "one request: {:?}", h.calls().await);
+    // The notes moved, none was copied: the same ids, all on the survivor.
+    let stored = h.pipedrive.notes();
+    let mut stored_ids: Vec<String> = stored.iter().map(|n| n["id"].to_string()).collect();
+    stored_ids.sort();
+    assert_eq!(stored_ids, notes);
+    assert!(stored.iter().all(|n| n["person_id"] == json!(number(&survivor))), "{stored:?}");
+    assert!(!h.pipedrive.state().persons.contains_key(&number(&merged)));
+    assert_eq!(h.pipedrive.person(&survivor)["name"], "mayac name", "the survivor's values are kept");
+
+    // Merging again: the merged person is gone and the survivor is there.
+    h.mark().await;
+    h.crm.merge_contacts(&survivor, &merged).await.unwrap();
+    let calls = h.calls().await;
+    let expected = [
+        ("PUT", format!("/persons/{merged}/merge")),
+        ("GET", format!("/persons/{survivor}")),
+        ("GET", format!("/persons/{merged}")),
+    ];
+    assert_eq!(calls, expected.map(|(m, p)| (m.to_owned(), p)), "{calls:?}");
+    assert_eq!(h.pipedrive.notes().len(), 3);
+
+    // A person already deleted (inactive) counts as merged too.
+    let inactive = 500u64;
+    h.pipedrive.state().persons.insert(
+        inactive,
+        json!({ "id": inactive, "name": "gone", "active_flag": false }).as_object().cloned().unwrap(),
+    );
+    h.crm.merge_contacts(&survivor, &inactive.to_string()).await.unwrap();
+
+    // A survivor that does not exist: Pipedrive's refusal, nothing changed.
+    let error = h.crm.merge_contacts("999", &survivor).await.unwrap_err();
+    assert!(matches!(error, CrmError::Http(HttpError::Status { status: 404, .. })), "{error:?}");
+    assert!(h.pipedrive.state().persons.contains_key(&number(&survivor)));
+    assert_eq!(h.pipedrive.notes().len(), 3);
+    h.crm.merge_contacts(&survivor, &survivor).await.unwrap();
+    let error = h.crm.merge_contacts("abc", &survivor).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn pipedrive_delete_activities_deletes_notes_and_one_already_gone_is_done() {
+    let h = harness().await;
+    let person = ids_of(&h.crm.upsert_contacts(&[contact("7", None, "mayac")]).await.unwrap())[0].clone();
+    let batch = [activity("1", &person, "one"), activity("2", &person, "two"), activity("3", &person, "three")];
+    let notes = ids_of(&h.crm.upsert_activities(&batch).await.unwrap());
+    h.mark().await;
+    let deleted = h.crm.delete_activities(&[notes[0].clone(), notes[0].clone(), notes[1].clone(), "n/a".into()]).await;
+    let deleted = deleted.unwrap();
+    assert_eq!(deleted[..3], [RecordOutcome::Done(()), RecordOutcome::Done(()), RecordOutcome::Done(())]);
+    assert!(matches!(&deleted[3], RecordOutcome::Rejected(m) if m.contains("not a Pipedrive note id")), "{deleted:?}");
+    assert_eq!(h.count("DELETE", &format!("/notes/{}", notes[0])).await, 2);
+    let left: Vec<String> = h.pipedrive.notes().iter().map(|n| n["id"].to_string()).collect();
+    assert_eq!(left, [notes[2].clone()]);
+}
+
+#[tokio::test]
+async fn pipedrive_contact_properties_reads_keys_and_field_names_as_text() {
+    let h = start().await;
+    {
+        // Two custom fields of the account, with options.
+        let mut state = h.pipedrive.state();
+        state.fields.insert("Lifecycle stage".into(), ("a1b2c3lifecycle".into(), "enum".into()));
+        state.options.insert(
+            "Lifecycle stage".into(),
+            vec![json!({ "id": 31, "label": "Lead" }), json!({ "id": 32, "label": "Customer" })],
+        );
+        state.fields.insert("Interests".into(), ("d4e5f6interests".into(), "set".into()));
+        state.options.insert(
+            "Interests".into(),
+            vec![json!({ "id": 41, "label": "Exports" }), json!({ "id": 42, "label": "API" })],
+        );
+    }
+    h.crm.setup(&["forum".into()]).await.unwrap();
+    let person = ids_of(&h.crm.upsert_contacts(&[contact("7", Some("maya@example.com"), "mayac")]).await.unwrap());
+    let person = person[0].clone();
+    {
+        let mut state = h.pipedrive.state();
+        let row = state.persons.get_mut(&number(&person)).unwrap();
+        for (key, value) in [
+            ("org_name", json!("Acme Corp")),
+            ("org_id", json!({ "name": "Acme Corp", "people_count": 3, "value": 41 })),
+            ("owner_id", json!({ "id": 9, "name": "Sam Seller", "email": "sam@acme.example", "value": 9 })),
+            ("label", json!(6)),
+            (
+                "email",
+                json!([{ "value": "old@example.com", "primary": false }, { "value": "maya@example.com", "primary": true }]),
+            ),
+            ("phone", json!([{ "value": "", "primary": true }])),
+            ("a1b2c3lifecycle", json!("32")),
+            ("d4e5f6interests", json!("41,42")),
+            ("visible_to", json!("3")),
+        ] {
+            row.insert(key.into(), value);
+        }
+    }
+    h.mark().await;
+    let names: Vec<String> = [
+        "org_name",
+        "Organization",
+        "owner_id",
+        "Label",
+        "label",
+        "Email",
+        "phone",
+        "Lifecycle stage",
+        "INTERESTS",
+        "Tributary handle (forum)",
+        "visible_to",
+        "nope",
+        " ",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let read = h.crm.contact_properties(&person, &names).await.unwrap();
+    let expected: BTreeMap<String, String> = [
+        ("INTERESTS", "Exports, API"),
+        ("Email", "maya@example.com"),
+        ("Label", "Customer"),
+        ("Lifecycle stage", "Customer"),
+        ("Organization", "Acme Corp"),
+        ("Tributary handle (forum)", "mayac"),
+        ("label", "Customer"),
+        ("org_name", "Acme Corp"),
+        ("owner_id", "Sam Seller"),
+        ("visible_to", "3"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(read, expected);
+    assert_eq!(h.calls().await, [("GET".to_owned(), format!("/persons/{person}"))], "the fields come from the cache");
+
+    assert!(h.crm.contact_properties(&person, &[]).await.unwrap().is_empty());
+    let error = h.crm.contact_properties("999", &names).await.unwrap_err();
+    assert!(matches!(error, CrmError::Http(HttpError::Status { status: 404, .. })), "{error:?}");
+    let error = h.crm.contact_properties("x", &names).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn pipedrive_rollup_writes_the_new_figures_in_one_update_and_clears_stale_ones() {
+    let h = harness().await;
+    let person = ids_of(&h.crm.upsert_contacts(&[contact("7", None, "mayac")]).await.unwrap())[0].clone();
+    let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 10, 0, 0).unwrap();
+    let platform = |name: &str, contributions| PlatformRollup {
+        platform: name.into(),
+        handle: Some("mayac".into()),
+        profile_url: None,
+        first_seen: at(2023, 1, 2),
+        last_seen: at(2024, 3, 9),
+        contributions,
+    };
+    let full = Rollup {
+        last_url: Some("https://community.example.com/t/1".into()),
+        last_excerpt: Some("  Export\nis   broken\r\nagain ".into()),
+        count_90d: 4,
+        sentiment_avg_90d: Some(-0.612_345),
+        needs_attention: true,
+        attention_reason: Some(format!("an unresolved complaint\n{}", "x".repeat(400))),
+        // `social` has no fields in this account (setup saw only `forum`).
+        per_platform: vec![platform("forum", 5), platform("social", 2)],
+        ..rollup(&person, 7)
+    };
+    let option = |label: &str| {
+        let state = h.pipedrive.state();
+        let options = &state.options[fields::NEEDS_ATTENTION];
+        options.iter().find(|o| o["label"] == label).map(|o| o["id"].clone()).unwrap()
+    };
+    let (yes, no) = (option("Yes"), option("No"));
+    let key = |name: &str| format!("/{}", h.pipedrive.key(name));
+
+    h.mark().await;
+    done(&h.crm.update_rollups(std::slice::from_ref(&full)).await.unwrap());
+    assert_eq!(h.calls().await, [("PUT".to_owned(), format!("/persons/{person}"))], "one update");
+    check(
+        &h,
+        0,
+        "PUT",
+        &format!("/persons/{person}"),
+        &[
+            (&key(fields::CONTRIBUTION_COUNT), json!(7)),
+            (&key(fields::LAST_URL), json!("https://community.example.com/t/1")),
+            (&key(fields::LAST_EXCERPT), json!("Export is broken again")),
+            (&key(fields::COUNT_90D), json!(4)),
+            (&key(fields::SENTIMENT_90D), json!(-0.6123)),
+            (&key(fields::NEEDS_ATTENTION), yes.clone()),
+            (&key("Tributary first seen (forum)"), json!("2023-01-02")),
+            (&key("Tributary last seen (forum)"), json!("2024-03-09")),
+            (&key("Tributary contributions (forum)"), json!(5)),
+        ],
+    )
+    .await;
+    let sent: Value = serde_json::from_slice(&h.requests().await[0].body).unwrap();
+    assert_eq!(sent.as_object().unwrap().len(), fields::ROLLUP_FIELDS.len() + 3, "{sent}");
+    let reason = sent[h.pipedrive.key(fields::ATTENTION_REASON)].as_str().unwrap().to_owned();
+    assert!(reason.starts_with("an unresolved complaint xxx") && reason.ends_with('…'), "{reason}");
+    assert!(reason.chars().count() <= 255 && !reason.contains('\n'), "{reason}");
+
+    // Without the optional figures: the old values are cleared, not kept.
+    h.mark().await;
+    done(&h.crm.update_rollups(&[rollup(&person, 8)]).await.unwrap());
+    check(
+        &h,
+        0,
+        "PUT",
+        &format!("/persons/{person}"),
+        &[
+            (&key(fields::LAST_URL), Value::Null),
+            (&key(fields::LAST_EXCERPT), Value::Null),
+            (&key(fields::COUNT_90D), json!(0)),
+            (&key(fields::SENTIMENT_90D), Value::Null),
+            (&key(fields::NEEDS_ATTENTION), no.clone()),
+            (&key(fields::ATTENTION_REASON), Value::Null),
+        ],
+    )
+    .await;
+    let stored = h.pipedrive.person(&person);
+    assert_eq!(stored[&h.pipedrive.key(fields::LAST_URL)], Value::Null);
+    assert_eq!(stored[&h.pipedrive.key(fields::NEEDS_ATTENTION)], no);
+    assert_eq!(stored[&h.pipedrive.key("Tributary contributions (forum)")], json!(5), "per platform: as last sent");
 }
