@@ -38,10 +38,27 @@
 //!   without it the contact's comments are read and one carrying the marker
 //!   is updated instead of creating another. `POST` is never retried
 //!   blindly (a 5xx may come after the write): the next delivery finds it.
-//! - **Archive**: comments have no archive; `DELETE /api/contacts/comment/{id}/`
-//!   (404 is done).
-//! - **Rollups**: number, date and text custom fields on the contact
-//!   (`tributary_contribution_count`, ...), written with `PATCH`.
+//! - **Archive and delete**: comments have no archive; both are
+//!   `DELETE /api/contacts/comment/{id}/` (`contacts/urls.py`:
+//!   `comment/<uid:pk>/`), a deletion for good (404 is done).
+//! - **Rollups**: number, date, checkbox and text custom fields on the
+//!   contact (`tributary_contribution_count`, ..., and per platform
+//!   `tributary_first_seen_<platform>`, `tributary_last_seen_<platform>`,
+//!   `tributary_contributions_<platform>`), all written with one `PATCH` of
+//!   `custom_fields` per contact. Dates are days (`date` fields take
+//!   `YYYY-MM-DD` only); text is one line. A figure without a value is sent
+//!   as `null`, which the server reads as "remove this value"
+//!   (`common/custom_fields.py`), so an earlier value never stays. The
+//!   per-platform fields of a platform not set up are created on first use,
+//!   as the handle fields are.
+//! - **Contact properties** (for alert rules): `GET /api/contacts/{id}/`,
+//!   whose `contact_obj` holds the standard fields (`title`, `organization`,
+//!   ...) and `custom_fields`; a name is looked up among the first, then the
+//!   second.
+//! - **Merge**: BottleCRM has no merge of contacts, neither in its API nor in
+//!   its app. `merge_contacts` reads both contacts: the merged one gone while
+//!   the survivor exists is done (an administrator deleted it); both present
+//!   is [`CrmError::Unsupported`], saying what to do.
 
 mod comment;
 
@@ -70,7 +87,7 @@ use url::Url;
 
 /// The contact custom field holding Tributary's identity of an author.
 pub const IDENTITY_FIELD: &str = "tributary_identity";
-const ROLLUP_FIELDS: [(&str, &str, &str); 9] = [
+const ROLLUP_FIELDS: [(&str, &str, &str); 15] = [
     ("tributary_last_contribution_at", "Last contribution", "date"),
     ("tributary_last_platform", "Last platform", "text"),
     ("tributary_contribution_count", "Contributions", "number"),
@@ -80,7 +97,15 @@ const ROLLUP_FIELDS: [(&str, &str, &str); 9] = [
     ("tributary_complaints", "Complaints", "number"),
     ("tributary_ideas", "Ideas", "number"),
     ("tributary_praise", "Praise", "number"),
+    ("tributary_last_url", "Last contribution URL", "text"),
+    ("tributary_last_excerpt", "Last contribution excerpt", "text"),
+    ("tributary_contributions_90d", "Contributions (90 days)", "number"),
+    ("tributary_sentiment_90d", "Sentiment (90 days)", "number"),
+    ("tributary_needs_attention", "Needs attention", "checkbox"),
+    ("tributary_attention_reason", "Attention reason", "text"),
 ];
+/// Longest text written to a rollup's one-line text fields.
+const ROLLUP_TEXT_MAX: usize = 1_000;
 /// Page size of contact searches.
 const SEARCH_LIMIT: &str = "100";
 
@@ -452,6 +477,20 @@ impl BottleCrm {
         }
     }
 
+    /// The contact (`contact_obj` of `GET /api/contacts/{id}/`), or `None`
+    /// when it is gone.
+    async fn contact(&self, id: &str) -> Result<Option<Map<String, Value>>, CrmError> {
+        let response = self.call(Method::GET, &format!("contacts/{id}/"), &[], None).await?;
+        match self.answer(&response)? {
+            Answer::Data(body) => match body.get("contact_obj") {
+                Some(Value::Object(contact)) => Ok(Some(contact.clone())),
+                _ => Err(CrmError::Decode(format!("contacts/{id}/: no `contact_obj`"))),
+            },
+            Answer::Missing(_) => Ok(None),
+            Answer::Refused(message) => Err(CrmError::Transient(message)),
+        }
+    }
+
     async fn patch_comment(&self, id: &str, text: &str) -> Result<Answer, CrmError> {
         let body = json!({ "comment": text });
         let response = self.call(Method::PATCH, &format!("contacts/comment/{id}/"), &[], Some(&body)).await?;
@@ -532,6 +571,84 @@ pub fn handle_field(platform: &str) -> String {
 /// The contact custom field of a platform's profile URL.
 pub fn profile_field(platform: &str) -> String {
     format!("tributary_profile_{}", slug(platform))
+}
+
+/// The contact custom field of the day a person was first seen on a platform.
+pub fn first_seen_field(platform: &str) -> String {
+    format!("tributary_first_seen_{}", slug(platform))
+}
+
+/// The contact custom field of the day a person was last seen on a platform.
+pub fn last_seen_field(platform: &str) -> String {
+    format!("tributary_last_seen_{}", slug(platform))
+}
+
+/// The contact custom field of how many contributions a person made on a platform.
+pub fn contributions_field(platform: &str) -> String {
+    format!("tributary_contributions_{}", slug(platform))
+}
+
+/// The rollup fields of one platform: (key, label, field type).
+fn platform_rollup_fields(platform: &str) -> [(String, String, &'static str); 3] {
+    [
+        (first_seen_field(platform), format!("First seen on {platform}"), "date"),
+        (last_seen_field(platform), format!("Last seen on {platform}"), "date"),
+        (contributions_field(platform), format!("Contributions on {platform}"), "number"),
+    ]
+}
+
+/// Text for a one-line text field: line breaks, tabs and other control
+/// characters become spaces, runs of spaces fold, and the text stops (with
+/// `…`) after `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let folded = words.join(" ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
+    out.truncate(out.trim_end().len());
+    out.push('…');
+    out
+}
+
+/// The URL when it is an absolute http(s) URL.
+fn web_link(url: &str) -> Option<String> {
+    let parsed = Url::parse(url.trim()).ok()?;
+    matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
+}
+
+/// A field value as text: strings as they are, numbers and booleans
+/// written out (BottleCRM stores every number as a float: a whole one reads
+/// `3`, not `3.0`), a related record as its `name`, a list joined by `; `;
+/// `None` for null and empty values.
+fn property_text(value: &Value) -> Option<String> {
+    let text = match value {
+        Value::Null => return None,
+        Value::String(text) => text.clone(),
+        Value::Bool(flag) => flag.to_string(),
+        Value::Number(number) => match number.as_f64() {
+            Some(float) if number.is_f64() && float.fract() == 0.0 && float.abs() < 9.0e15 => format!("{float:.0}"),
+            _ => number.to_string(),
+        },
+        Value::Array(items) => items.iter().filter_map(property_text).collect::<Vec<_>>().join("; "),
+        Value::Object(fields) => match fields.get("name") {
+            Some(name) => return property_text(name),
+            None => value.to_string(),
+        },
+    };
+    Some(text).filter(|text| !text.trim().is_empty())
+}
+
+/// A finite number rounded to four decimals.
+fn rounded(value: f64) -> Option<f64> {
+    value.is_finite().then(|| (value * 10_000.0).round() / 10_000.0)
+}
+
+/// A BottleCRM id: a UUID (hex digits and `-`).
+fn is_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
 fn slug(text: &str) -> String {
@@ -628,6 +745,9 @@ impl Crm for BottleCrm {
             wanted.push((profile_field(platform), format!("{platform} profile"), "text"));
         }
         wanted.extend(ROLLUP_FIELDS.iter().map(|(key, label, kind)| ((*key).to_owned(), (*label).to_owned(), *kind)));
+        for platform in platforms.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            wanted.extend(platform_rollup_fields(platform));
+        }
         let mut report = SetupReport::default();
         self.ensure_fields(&wanted, &mut report).await?;
         tracing::info!(created = report.created.len(), existing = report.existing.len(), "bottlecrm setup done");
@@ -694,16 +814,29 @@ impl Crm for BottleCrm {
         if rollups.is_empty() {
             return Ok(Vec::new());
         }
-        let wanted: Vec<_> =
+        let mut wanted: Vec<_> =
             ROLLUP_FIELDS.iter().map(|(key, label, kind)| ((*key).to_owned(), (*label).to_owned(), *kind)).collect();
-        self.ensure_fields(&wanted, &mut SetupReport::default()).await?;
+        // The per-platform fields of every platform named, created on first use.
+        let mut platforms: Vec<&str> = rollups
+            .iter()
+            .flat_map(|rollup| rollup.per_platform.iter().map(|p| p.platform.trim()))
+            .filter(|p| !p.is_empty())
+            .collect();
+        platforms.sort_unstable();
+        platforms.dedup();
+        for platform in platforms {
+            wanted.extend(platform_rollup_fields(platform));
+        }
+        let keys = self.ensure_fields(&wanted, &mut SetupReport::default()).await?;
         let mut outcomes = Vec::with_capacity(rollups.len());
         for rollup in rollups {
             let id = rollup.contact_id.trim();
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            if !is_id(id) {
                 outcomes.push(RecordOutcome::Rejected(format!("contact id `{id}` is not a BottleCRM contact id")));
                 continue;
             }
+            let text =
+                |text: Option<&str>| text.map(|text| one_line(text, ROLLUP_TEXT_MAX)).filter(|text| !text.is_empty());
             let mut fields = json!({
                 "tributary_last_contribution_at": rollup.last_contribution_at.format("%Y-%m-%d").to_string(),
                 "tributary_last_platform": rollup.last_platform,
@@ -713,9 +846,26 @@ impl Crm for BottleCrm {
                 "tributary_complaints": rollup.complaints,
                 "tributary_ideas": rollup.ideas,
                 "tributary_praise": rollup.praise,
+                // `null` removes a value: none from an earlier rollup stays.
+                "tributary_last_url": rollup.last_url.as_deref().and_then(web_link),
+                "tributary_last_excerpt": text(rollup.last_excerpt.as_deref()),
+                "tributary_contributions_90d": rollup.count_90d,
+                "tributary_sentiment_90d": rollup.sentiment_avg_90d.and_then(rounded),
+                "tributary_needs_attention": rollup.needs_attention,
+                "tributary_attention_reason": text(rollup.attention_reason.as_deref()),
             });
-            if rollup.sentiment_avg.is_finite() {
-                fields["tributary_sentiment_avg"] = json!((rollup.sentiment_avg * 10_000.0).round() / 10_000.0);
+            if let Some(sentiment) = rounded(rollup.sentiment_avg) {
+                fields["tributary_sentiment_avg"] = json!(sentiment);
+            }
+            for platform in rollup.per_platform.iter().filter(|p| !p.platform.trim().is_empty()) {
+                let name = platform.platform.trim();
+                fields[first_seen_field(name)] = json!(platform.first_seen.format("%Y-%m-%d").to_string());
+                fields[last_seen_field(name)] = json!(platform.last_seen.format("%Y-%m-%d").to_string());
+                fields[contributions_field(name)] = json!(platform.contributions);
+            }
+            // A key without a definition would be dropped by the server anyway.
+            if let Some(fields) = fields.as_object_mut() {
+                fields.retain(|key, _| keys.contains(key));
             }
             let body = json!({ "custom_fields": fields });
             let response = self.call(Method::PATCH, &format!("contacts/{id}/"), &[], Some(&body)).await?;
@@ -725,5 +875,73 @@ impl Crm for BottleCrm {
             });
         }
         Ok(outcomes)
+    }
+
+    /// The same `DELETE /api/contacts/comment/{id}/` as
+    /// [`Crm::archive_activities`]: a comment deleted is gone for good.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// BottleCRM cannot merge contacts: this reads both, and takes the merge
+    /// as done when `merged` is gone while `survivor` exists.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        if !is_id(survivor) || !is_id(merged) {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge BottleCRM contacts `{survivor}` and `{merged}`: not BottleCRM contact ids"
+            )));
+        }
+        if survivor.eq_ignore_ascii_case(merged) {
+            return Ok(());
+        }
+        if self.contact(survivor).await?.is_none() {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge BottleCRM contact {merged} into {survivor}: BottleCRM has no contact {survivor}"
+            )));
+        }
+        if self.contact(merged).await?.is_none() {
+            tracing::info!(survivor, merged, "the contact to merge is gone from bottlecrm; taking the merge as done");
+            return Ok(());
+        }
+        Err(CrmError::Unsupported(format!(
+            "BottleCRM has no merge of contacts (neither its API nor its app), so Tributary cannot move contact \
+             {merged}'s comments to {survivor}: copy what matters from {merged} to {survivor} and delete {merged} in \
+             BottleCRM, then run the same `tributary identity link` (or `tributary identity approve`) again: \
+             Tributary then links {merged}'s identities to {survivor} (its comments are not moved)"
+        )))
+    }
+
+    /// `GET /api/contacts/{id}/`: the named fields of `contact_obj` that have
+    /// a value, else the named custom fields.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        let id = contact_id.trim();
+        if !is_id(id) {
+            return Err(CrmError::Unsupported(format!(
+                "cannot read the properties of `{id}`: not a BottleCRM contact id"
+            )));
+        }
+        let Some(contact) = self.contact(id).await? else {
+            return Err(CrmError::Transient(format!("BottleCRM has no contact {id}")));
+        };
+        let custom = contact.get("custom_fields").and_then(Value::as_object);
+        Ok(wanted
+            .iter()
+            .filter_map(|name| {
+                let standard = contact.get(*name).filter(|_| *name != "custom_fields").and_then(property_text);
+                let value = standard.or_else(|| custom.and_then(|fields| fields.get(*name)).and_then(property_text))?;
+                Some(((*name).to_owned(), value))
+            })
+            .collect())
     }
 }

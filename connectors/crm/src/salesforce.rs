@@ -28,11 +28,28 @@
 //!   contact, `Subject`, plain-text `Description`, `ActivityDate`) upserted
 //!   on the External ID `Tributary_Key__c` the same way, so a replay updates
 //!   the same Task. `existing_id` is not needed.
-//! - Archiving: `DELETE /composite/sobjects?ids=...&allOrNone=false` (200 ids
-//!   a call). Deleted Tasks go to the Recycle Bin, restorable there for 15
-//!   days; `ENTITY_IS_DELETED` or `NOT_FOUND` counts as done.
+//! - Archiving and deleting: `DELETE /composite/sobjects?ids=...&allOrNone=false`
+//!   (200 ids a call). Deleted Tasks go to the Recycle Bin, restorable there
+//!   for 15 days, after which Salesforce purges them; `ENTITY_IS_DELETED` or
+//!   `NOT_FOUND` counts as done. Emptying the Recycle Bin at once
+//!   (`emptyRecycleBin`) is a SOAP and Apex call only: the REST API has no
+//!   deletion that skips the bin, so `delete_activities` is the same call.
 //! - Rollups: Collections update, `PATCH /composite/sobjects` with
-//!   `attributes.type` and `id`.
+//!   `attributes.type` and `id`: the totals, the last contribution's link and
+//!   excerpt (one line), the 90-day figures, the attention checkbox and, per
+//!   platform, first and last sighting and contribution count, all in the
+//!   one call. A figure without a value is written `null`, so an earlier
+//!   value never stays.
+//! - Contact properties (for alert rules): `GET /sobjects/Contact/{id}?fields=a,b`.
+//!   A name Salesforce does not know (`INVALID_FIELD`, "No such column 'x'")
+//!   is left out and the rest asked again.
+//! - Merging: Salesforce's REST API cannot merge records (merging is a SOAP
+//!   and Apex call). `merge_contacts` reads both contacts with
+//!   `GET /queryAll?q=SELECT Id, IsDeleted, MasterRecordId FROM Contact ...`
+//!   (deleted records included): a merged contact deleted with the survivor
+//!   as its `MasterRecordId` was merged in Salesforce (whose merge moves the
+//!   Tasks to the master record), and that is done; a contact still alive
+//!   gets [`CrmError::Unsupported`] saying how to merge it in Salesforce.
 //! - Limits: every answer carries `Sforce-Limit-Info: api-usage=NNN/MMM`, the
 //!   org's rolling 24-hour allocation; once spent no request leaves for an
 //!   hour. Salesforce refuses calls past it with HTTP 403 and
@@ -74,8 +91,9 @@ use tributary_sdk::{
 use url::Url;
 
 use self::fields::{
-    DESCRIPTION_MAX, FieldSpec, IDENTITY, KEY, LAST_NAME_MAX, TEXT_MAX, cap, contact_fields, description, handle_field,
-    profile_field, sentiment, soql_literal, subject, task_fields, timestamp,
+    DESCRIPTION_MAX, FieldSpec, IDENTITY, KEY, LAST_NAME_MAX, TEXT_MAX, cap, contact_fields, contributions_field,
+    description, first_seen_field, handle_field, last_seen_field, one_line, profile_field, sentiment, soql_literal,
+    subject, task_fields, timestamp, web_link,
 };
 
 /// Records per sObject Collections call.
@@ -401,7 +419,12 @@ impl SalesforceCrm {
 
     /// A SOQL query, following `nextRecordsUrl` to the end.
     async fn query(&self, soql: &str, tooling: bool) -> Result<Vec<Value>, CrmError> {
-        let path = if tooling { "/tooling/query" } else { "/query" };
+        self.query_at(if tooling { "/tooling/query" } else { "/query" }, soql).await
+    }
+
+    /// A SOQL query on `path` (`/query`, `/queryAll`, `/tooling/query`),
+    /// following `nextRecordsUrl` to the end.
+    async fn query_at(&self, path: &str, soql: &str) -> Result<Vec<Value>, CrmError> {
         let response = self.call(Method::GET, path, &[("q", soql)], None).await?;
         let mut records = Vec::new();
         let mut response = response;
@@ -512,7 +535,53 @@ impl SalesforceCrm {
         fields.insert("Tributary_Complaints__c".into(), json!(rollup.complaints));
         fields.insert("Tributary_Ideas__c".into(), json!(rollup.ideas));
         fields.insert("Tributary_Praise__c".into(), json!(rollup.praise));
+        // A link cut short would lead nowhere: one longer than the field is left empty.
+        let last_url = rollup.last_url.as_deref().and_then(web_link).filter(|url| url.chars().count() <= TEXT_MAX);
+        fields.insert("Tributary_Last_Url__c".into(), json!(last_url));
+        let excerpt = rollup.last_excerpt.as_deref().map(|text| one_line(text, TEXT_MAX)).filter(|t| !t.is_empty());
+        fields.insert("Tributary_Last_Excerpt__c".into(), json!(excerpt));
+        fields.insert("Tributary_Contributions_90d__c".into(), json!(rollup.count_90d));
+        fields.insert("Tributary_Sentiment_90d__c".into(), json!(rollup.sentiment_avg_90d.and_then(sentiment)));
+        fields.insert("Tributary_Needs_Attention__c".into(), json!(rollup.needs_attention));
+        let reason = rollup.attention_reason.as_deref().map(|text| one_line(text, TEXT_MAX)).filter(|t| !t.is_empty());
+        fields.insert("Tributary_Attention_Reason__c".into(), json!(reason));
+        for platform in &rollup.per_platform {
+            fields.insert(first_seen_field(&platform.platform), json!(timestamp(platform.first_seen)));
+            fields.insert(last_seen_field(&platform.platform), json!(timestamp(platform.last_seen)));
+            fields.insert(contributions_field(&platform.platform), json!(platform.contributions));
+        }
         fields
+    }
+
+    /// `GET /sobjects/Contact/{id}?fields=...`; the field names Salesforce
+    /// refused as unknown (`INVALID_FIELD`) in `Err`.
+    async fn contact_fields(&self, id: &str, names: &[&str]) -> Result<Result<Value, Vec<String>>, CrmError> {
+        let fields = names.join(",");
+        let response =
+            self.call(Method::GET, &format!("/sobjects/Contact/{id}"), &[("fields", fields.as_str())], None).await?;
+        match response.status.as_u16() {
+            200 => response.json().map(Ok).map_err(|error| self.decode(error)),
+            400 => {
+                let errors = api_errors(&response);
+                let unknown: Vec<String> = errors
+                    .iter()
+                    .filter(|error| error.error_code == "INVALID_FIELD")
+                    .flat_map(|error| quoted(&error.message))
+                    .filter_map(|quoted| names.iter().find(|name| name.eq_ignore_ascii_case(&quoted)))
+                    .map(|name| (*name).to_owned())
+                    .collect();
+                if unknown.is_empty() {
+                    return Err(CrmError::Transient(
+                        self.scrub(&format!("Salesforce refused to read contact {id}: {}", describe_errors(&response))),
+                    ));
+                }
+                Ok(Err(unknown))
+            }
+            404 => Err(CrmError::Transient(
+                self.scrub(&format!("Salesforce has no contact {id}: {}", describe_errors(&response))),
+            )),
+            _ => Err(self.unexpected(&response)),
+        }
     }
 
     /// Creates one custom field; `false` when it already existed.
@@ -542,6 +611,41 @@ fn record_errors(errors: &[ApiError]) -> String {
 
 fn attributes(object: &str) -> Value {
     json!({ "type": object })
+}
+
+/// The texts between single quotes in a message (`No such column 'X' on entity 'Contact'`).
+fn quoted(message: &str) -> Vec<String> {
+    message.split('\'').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+/// A field value as text: strings as they are, numbers and booleans
+/// written out; `None` for null and empty values. A compound value (an
+/// address) is its JSON.
+fn property_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.clone()).filter(|text| !text.trim().is_empty()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        Value::Number(number) => Some(number.to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// The first 15 characters of a record id: an 18-character id and its
+/// 15-character form name the same record.
+fn same_record(a: &str, b: &str) -> bool {
+    let short = |id: &str| id.chars().take(15).collect::<String>();
+    is_record_id(a) && is_record_id(b) && short(a) == short(b)
+}
+
+/// How to merge in Salesforce what its REST API cannot.
+fn merge_in_salesforce(survivor: &str, merged: &str) -> CrmError {
+    CrmError::Unsupported(format!(
+        "Salesforce's REST API cannot merge contacts (merging is a SOAP and Apex call only): merge contact \
+         {merged} into {survivor} in Salesforce (Contacts → Merge Contacts, keeping {survivor} as the master \
+         record), then run the same `tributary identity link` (or `tributary identity approve`) again: \
+         Tributary then sees the merge and moves its records to {survivor}"
+    ))
 }
 
 #[async_trait]
@@ -814,6 +918,136 @@ impl Crm for SalesforceCrm {
                 Ok(Some(RecordOutcome::Rejected(message))) => RecordOutcome::Rejected(message.clone()),
                 Ok(None) => RecordOutcome::Rejected("no answer for this record".into()),
                 Err(reason) => RecordOutcome::Rejected(reason),
+            })
+            .collect())
+    }
+
+    /// The same Collections delete as [`Crm::archive_activities`]: the REST
+    /// API deletes into the Recycle Bin only, which Salesforce purges after
+    /// 15 days (`emptyRecycleBin` is a SOAP and Apex call).
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// Salesforce's REST API cannot merge; this reads both contacts
+    /// (deleted ones too) and takes the merge as done when Salesforce made
+    /// it: `merged` deleted with `survivor` as its master record. A merged
+    /// contact that is gone without a master (deleted, or purged from the
+    /// Recycle Bin) has nothing left to move: done too, with a warning.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        for id in [survivor, merged] {
+            if !is_record_id(id) {
+                return Err(CrmError::Unsupported(format!(
+                    "cannot merge Salesforce contacts: `{}` is not a Salesforce id",
+                    cap(id, 40)
+                )));
+            }
+        }
+        if same_record(survivor, merged) {
+            return Ok(());
+        }
+        let soql = format!(
+            "SELECT Id, IsDeleted, MasterRecordId FROM Contact WHERE Id IN ({}, {})",
+            soql_literal(survivor),
+            soql_literal(merged)
+        );
+        let records = self.query_at("/queryAll", &soql).await?;
+        let find =
+            |id: &str| records.iter().find(|record| record["Id"].as_str().is_some_and(|found| same_record(found, id)));
+        let master = |record: &Value| trimmed(record["MasterRecordId"].as_str()).map(str::to_owned);
+        match find(survivor) {
+            Some(record) if record["IsDeleted"] != json!(true) => {}
+            Some(record) => {
+                return Err(CrmError::Unsupported(match master(record) {
+                    Some(master) => format!(
+                        "cannot merge Salesforce contact {merged} into {survivor}: {survivor} was itself merged into \
+                         {master}; link the person to {master} instead"
+                    ),
+                    None => format!("cannot merge Salesforce contact {merged} into {survivor}: {survivor} is deleted"),
+                }));
+            }
+            None => {
+                return Err(CrmError::Unsupported(format!(
+                    "cannot merge Salesforce contact {merged} into {survivor}: Salesforce has no contact {survivor}"
+                )));
+            }
+        }
+        match find(merged) {
+            Some(record) if record["IsDeleted"] != json!(true) => Err(merge_in_salesforce(survivor, merged)),
+            Some(record) => match master(record) {
+                Some(master) if same_record(&master, survivor) => {
+                    tracing::info!(survivor, merged, "the contacts were merged in salesforce");
+                    Ok(())
+                }
+                Some(master) => Err(CrmError::Unsupported(format!(
+                    "Salesforce merged contact {merged} into {master}, not into {survivor}: link the person to \
+                     {master} instead"
+                ))),
+                None => {
+                    tracing::warn!(
+                        survivor,
+                        merged,
+                        "salesforce deleted the contact to merge; taking the merge as done"
+                    );
+                    Ok(())
+                }
+            },
+            None => {
+                tracing::warn!(survivor, merged, "salesforce has no contact to merge; taking the merge as done");
+                Ok(())
+            }
+        }
+    }
+
+    /// `GET /sobjects/Contact/{id}?fields=...`: the requested fields that
+    /// have a value, under the names asked for (Salesforce's names are not
+    /// case-sensitive). Names Salesforce does not know are left out.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let contact_id = contact_id.trim();
+        // Field API names are letters, digits and `_`; anything else cannot be one.
+        let mut wanted: Vec<&str> = names
+            .iter()
+            .map(|name| name.trim())
+            .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        if !is_record_id(contact_id) {
+            return Err(CrmError::Unsupported(format!(
+                "cannot read the properties of Salesforce contact `{}`: not a Salesforce id",
+                cap(contact_id, 40)
+            )));
+        }
+        // Each round leaves out the names Salesforce refused as unknown.
+        let record = loop {
+            match self.contact_fields(contact_id, &wanted).await? {
+                Ok(record) => break record,
+                Err(unknown) => {
+                    tracing::debug!(contact = contact_id, ?unknown, "salesforce does not know these contact fields");
+                    wanted.retain(|name| !unknown.iter().any(|gone| gone == name));
+                    if wanted.is_empty() {
+                        return Ok(Default::default());
+                    }
+                }
+            }
+        };
+        let Some(fields) = record.as_object() else {
+            return Err(self.decode("the contact is not a JSON object"));
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|name| {
+                let value =
+                    fields.iter().find(|(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, value)| value)?;
+                Some(((*name).to_owned(), property_text(value)?))
             })
             .collect())
     }

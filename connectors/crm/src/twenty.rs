@@ -32,11 +32,37 @@
 //!   their block format) under a UUIDv5 of the activity key, linked to its
 //!   person by a noteTarget (`noteId`, `personId`) under a UUIDv5 of the
 //!   pair. A replay upserts the same records and creates nothing.
-//! - `DELETE /rest/notes/{id}` is a soft delete (the answer says
-//!   `softDelete: true`): the note leaves the timeline and can be restored.
+//! - Archiving is `DELETE /rest/notes/{id}?soft_delete=true`, a soft
+//!   delete (the answer says `softDelete: true`): the note leaves the
+//!   timeline and can be restored. Current servers read `soft_delete`
+//!   (`parse-soft-delete-rest-request.util.ts`): without `soft_delete=true`
+//!   a REST `DELETE` destroys the record for good, so archiving names it;
+//!   older servers ignore it and soft-delete anyway.
+//! - Deleting for good (`delete_activities`) destroys the note's targets
+//!   (`GET /rest/noteTargets?filter=noteId[eq]:"<id>"`, then
+//!   `DELETE /rest/noteTargets/{id}?soft_delete=false` each), then the note
+//!   (`DELETE /rest/notes/{id}?soft_delete=false`). A server answering
+//!   `softDelete: true` only soft-deleted it (an older server): the note is
+//!   rejected with a message rather than reported deleted. One already gone
+//!   (404) is done.
 //! - Rollups are written with `PATCH /rest/people/{id}`, one person a call,
 //!   so that a person deleted in the CRM meanwhile is refused, not recreated
-//!   empty by an upsert.
+//!   empty by an upsert: the totals, the last contribution's link and
+//!   excerpt (one line), the 90-day figures, the attention flag and, per
+//!   platform, first and last sighting and contribution count, in the one
+//!   call. A figure without a value is written `null`, so an earlier value
+//!   never stays.
+//! - Contact properties (for alert rules): `GET /rest/people/{id}`, answered
+//!   `{"data": {"person": {...}}}`; a name may be a path into a composite
+//!   field (`name.firstName`, `emails.primaryEmail`, `company.name`), and a
+//!   related record reads as its `name`.
+//! - Merging: current servers have `PATCH /rest/{objects}/merge` (`ids`,
+//!   `conflictPriorityIndex`; `rest-api-merge-many.handler.ts`), but it is
+//!   not in Twenty's REST documentation and older servers lack it, so this
+//!   sink does not call it. `merge_contacts` reads both people: the merged
+//!   one gone while the survivor exists is a merge made in Twenty, and is
+//!   done; both present is [`CrmError::Unsupported`], saying how to merge
+//!   them in Twenty.
 //! - `setup` reads `GET /rest/metadata/objects` for the ids of the `person`
 //!   and `note` objects and their fields, and creates what is missing with
 //!   `POST /rest/metadata/fields` (`objectMetadataId`, `name`, `label`,
@@ -65,8 +91,9 @@ use url::Url;
 use uuid::Uuid;
 
 use self::fields::{
-    FieldSpec, field_name, handle_field, note_fields, note_id, note_record, note_target_id, number, person_fields,
-    person_id, profile_field, timestamp, user_id_field,
+    FieldSpec, contributions_field, field_name, first_seen_field, handle_field, last_seen_field, note_fields, note_id,
+    note_record, note_target_id, number, one_line, person_fields, person_id, profile_field, timestamp, user_id_field,
+    web_link,
 };
 
 const DEFAULT_BASE_URL: &str = "https://api.twenty.com";
@@ -76,6 +103,8 @@ pub(crate) const BATCH_LIMIT: usize = 60;
 const PEOPLE: &str = "people";
 const NOTES: &str = "notes";
 const NOTE_TARGETS: &str = "noteTargets";
+/// Longest text written to a rollup's one-line text fields.
+const ROLLUP_TEXT_MAX: usize = 1_000;
 
 /// Settings of the Twenty sink (the `[crm]` table with `type = "twenty"`).
 #[derive(Debug, Clone, Deserialize)]
@@ -475,7 +504,89 @@ impl TwentyCrm {
         set("complaints", json!(rollup.complaints));
         set("ideas", json!(rollup.ideas));
         set("praise", json!(rollup.praise));
+        set("lastUrl", json!(rollup.last_url.as_deref().and_then(web_link)));
+        let excerpt =
+            rollup.last_excerpt.as_deref().map(|text| one_line(text, ROLLUP_TEXT_MAX)).filter(|t| !t.is_empty());
+        set("lastExcerpt", json!(excerpt));
+        set("contributions90d", json!(rollup.count_90d));
+        set("sentiment90d", rollup.sentiment_avg_90d.and_then(number).unwrap_or(Value::Null));
+        set("needsAttention", json!(rollup.needs_attention));
+        let reason =
+            rollup.attention_reason.as_deref().map(|text| one_line(text, ROLLUP_TEXT_MAX)).filter(|t| !t.is_empty());
+        set("attentionReason", json!(reason));
+        for platform in &rollup.per_platform {
+            record.insert(first_seen_field(&self.prefix, &platform.platform), json!(timestamp(platform.first_seen)));
+            record.insert(last_seen_field(&self.prefix, &platform.platform), json!(timestamp(platform.last_seen)));
+            record.insert(contributions_field(&self.prefix, &platform.platform), json!(platform.contributions));
+        }
         Value::Object(record)
+    }
+
+    /// `GET /rest/people/{id}`: the person, or `None` when Twenty has none
+    /// (404, also for one deleted).
+    async fn person(&self, id: &Uuid) -> Result<Option<Map<String, Value>>, CrmError> {
+        let response = self.call(Method::GET, &format!("/rest/{PEOPLE}/{id}"), None).await?;
+        match response.status.as_u16() {
+            200 => {
+                let answer: Value = response.json().map_err(|error| self.decode(error))?;
+                let data = answer.get("data").and_then(Value::as_object);
+                // `{"data": {"person": {...}}}`; a bare record under `data` is taken too.
+                let person = data.and_then(|data| match data.get("person") {
+                    Some(Value::Object(person)) => Some(person.clone()),
+                    _ => data.contains_key("id").then(|| data.clone()),
+                });
+                person.map(Some).ok_or_else(|| self.decode(format!("Twenty's answer for person {id} holds no person")))
+            }
+            404 => Ok(None),
+            400 | 422 if error_message(&response).to_lowercase().contains("not found") => Ok(None),
+            _ => Err(self.unexpected(&response)),
+        }
+    }
+
+    /// Destroys one record for good (`DELETE /rest/{object}/{id}?soft_delete=false`):
+    /// `Ok(true)` when destroyed or already gone, `Ok(false)` when the server
+    /// only soft-deleted it, `Err` with Twenty's message when refused.
+    async fn destroy(&self, object: &str, id: &Uuid) -> Result<Result<bool, String>, CrmError> {
+        let response = self.call(Method::DELETE, &format!("/rest/{object}/{id}?soft_delete=false"), None).await?;
+        match response.status.as_u16() {
+            200 | 204 => {
+                let answer: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                Ok(Ok(answer.get("softDelete").and_then(Value::as_bool) != Some(true)))
+            }
+            404 => Ok(Ok(true)),
+            400 | 409 | 422 => {
+                let message = self.scrub(&error_message(&response));
+                Ok(if message.to_lowercase().contains("not found") { Ok(true) } else { Err(message) })
+            }
+            _ => Err(self.unexpected(&response)),
+        }
+    }
+
+    /// Destroys a note's targets, then the note.
+    async fn destroy_note(&self, id: &Uuid) -> Result<RecordOutcome<()>, CrmError> {
+        let filter = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("filter", &format!("noteId[eq]:\"{id}\""))
+            .append_pair("limit", &BATCH_LIMIT.to_string())
+            .finish();
+        let targets = self.get_list(&format!("/rest/{NOTE_TARGETS}?{filter}")).await?;
+        for target in targets.iter().filter_map(record_id) {
+            let Ok(target) = Uuid::parse_str(&target) else { continue };
+            match self.destroy(NOTE_TARGETS, &target).await? {
+                Ok(_) => {}
+                Err(message) => {
+                    return Ok(RecordOutcome::Rejected(format!("Twenty refused to delete the note's link: {message}")));
+                }
+            }
+        }
+        Ok(match self.destroy(NOTES, id).await? {
+            Ok(true) => RecordOutcome::Done(()),
+            Ok(false) => RecordOutcome::Rejected(
+                "this Twenty server only soft-deleted the note (its REST API ignores `soft_delete=false`): \
+                 destroy it in Twenty (Notes → Deleted), or upgrade Twenty, or use forget_activities = \"archive\""
+                    .into(),
+            ),
+            Err(message) => RecordOutcome::Rejected(message),
+        })
     }
 }
 
@@ -563,6 +674,43 @@ fn spread<T: Clone>(owners: &[Result<usize, String>], written: &[RecordOutcome<T
             Err(reason) => RecordOutcome::Rejected(reason.clone()),
         })
         .collect()
+}
+
+/// A field value as text: strings as they are, numbers and booleans
+/// written out, a related record as its `name`, a full name as its parts,
+/// a list of values joined by `; `; `None` for null and empty values.
+fn property_text(value: &Value) -> Option<String> {
+    let text = match value {
+        Value::Null => return None,
+        Value::String(text) => text.clone(),
+        Value::Bool(flag) => flag.to_string(),
+        Value::Number(number) => number.to_string(),
+        Value::Array(items) => items.iter().filter_map(property_text).collect::<Vec<_>>().join("; "),
+        Value::Object(fields) => match fields.get("name") {
+            Some(name) => return property_text(name),
+            None if fields.contains_key("firstName") || fields.contains_key("lastName") => {
+                let parts =
+                    ["firstName", "lastName"].map(|part| fields.get(part).and_then(Value::as_str).unwrap_or(""));
+                parts.iter().map(|part| part.trim()).filter(|part| !part.is_empty()).collect::<Vec<_>>().join(" ")
+            }
+            None => value.to_string(),
+        },
+    };
+    Some(text).filter(|text| !text.trim().is_empty())
+}
+
+/// The value at a dotted path of a record (`emails.primaryEmail`), each
+/// step matched exactly, else ignoring case.
+fn value_at<'a>(record: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let step = |fields: &'a Map<String, Value>, part: &str| {
+        fields.get(part).or_else(|| fields.iter().find(|(name, _)| name.eq_ignore_ascii_case(part)).map(|(_, v)| v))
+    };
+    let mut value = step(record, parts.next()?)?;
+    for part in parts {
+        value = step(value.as_object()?, part)?;
+    }
+    Some(value)
 }
 
 fn record_id(record: &Value) -> Option<String> {
@@ -713,7 +861,8 @@ impl Crm for TwentyCrm {
         Ok(spread(&owners, &outcomes))
     }
 
-    /// `DELETE /rest/notes/{id}`, a soft delete; a note already gone is done.
+    /// `DELETE /rest/notes/{id}?soft_delete=true`, a soft delete; a note
+    /// already gone is done.
     async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
         let mut outcomes = Vec::with_capacity(activity_ids.len());
         for id in activity_ids {
@@ -721,7 +870,7 @@ impl Crm for TwentyCrm {
                 outcomes.push(RecordOutcome::Rejected(format!("`{}` is not a Twenty record id", id.trim())));
                 continue;
             };
-            let response = self.call(Method::DELETE, &format!("/rest/{NOTES}/{id}"), None).await?;
+            let response = self.call(Method::DELETE, &format!("/rest/{NOTES}/{id}?soft_delete=true"), None).await?;
             let outcome = match response.status.as_u16() {
                 200 | 204 | 404 => RecordOutcome::Done(()),
                 400 | 409 | 422 => {
@@ -771,5 +920,78 @@ impl Crm for TwentyCrm {
             outcomes.push(outcome);
         }
         Ok(outcomes)
+    }
+
+    /// Destroys the notes Tributary created, their targets first (see the
+    /// module documentation); a note already gone is done.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        let mut outcomes = Vec::with_capacity(activity_ids.len());
+        for id in activity_ids {
+            let Ok(id) = Uuid::parse_str(id.trim()) else {
+                outcomes.push(RecordOutcome::Rejected(format!("`{}` is not a Twenty record id", id.trim())));
+                continue;
+            };
+            outcomes.push(self.destroy_note(&id).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// Twenty's documented REST API has no merge: this reads both people,
+    /// and takes the merge as done when `merged` is gone while `survivor`
+    /// exists (a merge made in Twenty deletes the merged person and moves
+    /// its notes to the one kept).
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        let (Ok(survivor_id), Ok(merged_id)) = (Uuid::parse_str(survivor), Uuid::parse_str(merged)) else {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge Twenty people `{survivor}` and `{merged}`: not Twenty record ids"
+            )));
+        };
+        if survivor_id == merged_id {
+            return Ok(());
+        }
+        if self.person(&survivor_id).await?.is_none() {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge Twenty person {merged} into {survivor}: Twenty has no person {survivor}"
+            )));
+        }
+        if self.person(&merged_id).await?.is_none() {
+            tracing::info!(survivor, merged, "the person to merge is gone from twenty; taking the merge as done");
+            return Ok(());
+        }
+        Err(CrmError::Unsupported(format!(
+            "Twenty's REST API has no documented merge: merge person {merged} into {survivor} in Twenty (People → \
+             select both → Merge records, keeping {survivor}), then run the same `tributary identity link` (or \
+             `tributary identity approve`) again: Tributary then sees the merge and moves its records to {survivor}"
+        )))
+    }
+
+    /// `GET /rest/people/{id}`: the named fields that have a value. A name
+    /// may be a path into a composite field or a related record
+    /// (`emails.primaryEmail`, `company.name`).
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        let Ok(id) = Uuid::parse_str(contact_id.trim()) else {
+            return Err(CrmError::Unsupported(format!(
+                "cannot read the properties of `{}`: not a Twenty record id",
+                contact_id.trim()
+            )));
+        };
+        let Some(person) = self.person(&id).await? else {
+            return Err(CrmError::Transient(format!("Twenty has no person {id}")));
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|name| Some(((*name).to_owned(), property_text(value_at(&person, name)?)?)))
+            .collect())
     }
 }

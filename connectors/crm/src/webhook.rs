@@ -52,9 +52,11 @@
 //! {"type": "tributary.contacts", "version": 1, "sent_at": "2024-05-01T12:00:00.000Z", "items": [...]}
 //! ```
 //!
-//! `type` is one of the four below, `version` is `1` (a change that breaks
-//! a receiver gets a new version), `sent_at` is the RFC 3339 UTC time the
-//! request was built. Absent values are `null`; times are RFC 3339 UTC.
+//! `type` is one of the six below, `version` is `1` (a change that breaks
+//! a receiver gets a new version; new fields and new types are added
+//! within it, so a receiver ignores what it does not know), `sent_at` is
+//! the RFC 3339 UTC time the request was built. Absent values are `null`;
+//! times are RFC 3339 UTC.
 //!
 //! - `tributary.contacts`, one item per author:
 //!   `id` (string, the deterministic contact id above), `identity` (string,
@@ -72,14 +74,36 @@
 //!   strings), `score` (number or null), `edited`, `deleted` (booleans),
 //!   `sentiment` (number -1..1 or null), `intent` (`question`, `complaint`,
 //!   `idea`, `praise`, `other` or null). Sending an `id` again updates it.
-//! - `tributary.rollups`, one item per contact, absolute values:
+//! - `tributary.rollups`, one item per contact, absolute values (a value
+//!   missing now is `null`, and replaces an earlier one):
 //!   `contact_id` (string), `last_contribution_at` (time), `last_platform`
 //!   (string), `contribution_count` (integer), `platforms` (sorted array of
 //!   strings), `sentiment_avg` (number -1..1), `questions`, `complaints`,
-//!   `ideas`, `praise` (integers).
+//!   `ideas`, `praise` (integers), `last_url` (string, the last
+//!   contribution's address, or null), `last_excerpt` (string, the start of
+//!   its text, at most 200 characters, or null), `count_90d` (integer,
+//!   contributions in the 90 days before the figures were taken),
+//!   `sentiment_avg_90d` (number -1..1, or null when none of those was
+//!   scored), `needs_attention` (boolean: an unresolved complaint or a sharp
+//!   drop in sentiment), `attention_reason` (string or null), `per_platform`
+//!   (array sorted by platform of `{platform, handle, profile_url,
+//!   first_seen, last_seen, contributions}`: string, string or null, string
+//!   or null, time, time, integer).
 //! - `tributary.archive`, one item per activity to take out of the contact's
 //!   timeline (its contribution was deleted): `id` (string, the activity
 //!   key). Archiving an unknown or archived id is expected to succeed.
+//! - `tributary.delete`, one item per activity to delete for good (`tributary
+//!   forget` with `forget_activities = "delete"`): `id` (string, the activity
+//!   key). Deleting an unknown or deleted id is expected to succeed.
+//! - `tributary.merge`, one item: `{"survivor": "<contact id>", "merged":
+//!   "<contact id>"}`: the two contacts are one person; `merged`'s activities
+//!   move to `survivor` (moved, never copied) and `merged` is gone. Merging a
+//!   contact already merged into the survivor is expected to succeed. A
+//!   refusal (a 4xx naming no other cause) is an error of the merge: nothing
+//!   is merged in Tributary's records either.
+//!
+//! A webhook cannot be read, so `contact_properties` (alert rules on a
+//! contact's fields) is unsupported.
 //!
 //! `check` sends `{"type":"tributary.ping","version":1}`, signed the same
 //! way, and expects a 2xx.
@@ -136,6 +160,8 @@ const CONTACTS: &str = "tributary.contacts";
 const ACTIVITIES: &str = "tributary.activities";
 const ROLLUPS: &str = "tributary.rollups";
 const ARCHIVE: &str = "tributary.archive";
+const DELETE: &str = "tributary.delete";
+const MERGE: &str = "tributary.merge";
 const PING: &str = "tributary.ping";
 
 const DEFAULT_BATCH_SIZE: usize = 100;
@@ -315,11 +341,35 @@ struct RollupItem<'a> {
     complaints: u64,
     ideas: u64,
     praise: u64,
+    last_url: Option<&'a str>,
+    last_excerpt: Option<&'a str>,
+    count_90d: u64,
+    sentiment_avg_90d: Option<f64>,
+    needs_attention: bool,
+    attention_reason: Option<&'a str>,
+    per_platform: Vec<PlatformItem<'a>>,
 }
 
 #[derive(Serialize)]
+struct PlatformItem<'a> {
+    platform: &'a str,
+    handle: Option<&'a str>,
+    profile_url: Option<&'a str>,
+    first_seen: DateTime<Utc>,
+    last_seen: DateTime<Utc>,
+    contributions: u64,
+}
+
+/// An item of `tributary.archive` and `tributary.delete`.
+#[derive(Serialize)]
 struct ArchiveItem<'a> {
     id: &'a str,
+}
+
+#[derive(Serialize)]
+struct MergeItem<'a> {
+    survivor: &'a str,
+    merged: &'a str,
 }
 
 /// The deterministic id of a contact, or `None` when it has neither an
@@ -337,6 +387,17 @@ fn email_id(email: &str) -> String {
 
 fn non_empty(text: &Option<String>) -> Option<&str> {
     text.as_deref().map(str::trim).filter(|text| !text.is_empty())
+}
+
+/// The items of `tributary.archive` or `tributary.delete`.
+fn id_items(activity_ids: &[String]) -> Vec<Result<Value, String>> {
+    activity_ids
+        .iter()
+        .map(|id| match id.trim() {
+            "" => Err("the activity id is empty".to_owned()),
+            id => to_value(ArchiveItem { id }),
+        })
+        .collect()
 }
 
 fn to_value(item: impl Serialize) -> Result<Value, String> {
@@ -717,14 +778,47 @@ impl Crm for WebhookCrm {
     }
 
     async fn archive_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
-        let items = activity_ids
-            .iter()
-            .map(|id| match id.trim() {
-                "" => Err("the activity id is empty".to_owned()),
-                id => to_value(ArchiveItem { id }),
-            })
-            .collect();
-        Ok(done_with(self.deliver(ARCHIVE, items).await?, vec![(); activity_ids.len()]))
+        Ok(done_with(self.deliver(ARCHIVE, id_items(activity_ids)).await?, vec![(); activity_ids.len()]))
+    }
+
+    /// `tributary.delete`, one item per activity.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        Ok(done_with(self.deliver(DELETE, id_items(activity_ids)).await?, vec![(); activity_ids.len()]))
+    }
+
+    /// `tributary.merge` with one item `{survivor, merged}`; the receiver
+    /// moves the activities. A refusal is an error: Tributary then merges
+    /// nothing in its own records either.
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        if survivor.is_empty() || merged.is_empty() {
+            return Err(CrmError::Unsupported("merging webhook contacts needs two contact ids".into()));
+        }
+        if survivor == merged {
+            return Ok(());
+        }
+        let item = to_value(MergeItem { survivor, merged });
+        match self.deliver(MERGE, vec![item]).await?.pop() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(message)) => Err(CrmError::Unsupported(format!(
+                "the webhook receiver refused to merge contact {merged} into {survivor}: {message}"
+            ))),
+            None => Err(CrmError::Decode("the merge was not sent".into())),
+        }
+    }
+
+    /// A webhook cannot be read.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let _ = (contact_id, names);
+        Err(CrmError::Unsupported(
+            "the webhook sink cannot read contact properties (a webhook only sends): alert rules with contact \
+             conditions need a CRM sink Tributary can read from"
+                .into(),
+        ))
     }
 
     async fn update_rollups(&self, rollups: &[Rollup]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
@@ -745,6 +839,24 @@ impl Crm for WebhookCrm {
                     complaints: rollup.complaints,
                     ideas: rollup.ideas,
                     praise: rollup.praise,
+                    last_url: non_empty(&rollup.last_url),
+                    last_excerpt: non_empty(&rollup.last_excerpt),
+                    count_90d: rollup.count_90d,
+                    sentiment_avg_90d: rollup.sentiment_avg_90d.filter(|value| value.is_finite()),
+                    needs_attention: rollup.needs_attention,
+                    attention_reason: non_empty(&rollup.attention_reason),
+                    per_platform: rollup
+                        .per_platform
+                        .iter()
+                        .map(|platform| PlatformItem {
+                            platform: &platform.platform,
+                            handle: non_empty(&platform.handle),
+                            profile_url: non_empty(&platform.profile_url),
+                            first_seen: platform.first_seen,
+                            last_seen: platform.last_seen,
+                            contributions: platform.contributions,
+                        })
+                        .collect(),
                 })
             })
             .collect();
@@ -762,7 +874,7 @@ mod tests {
 
     use chrono::TimeZone;
     use serde_json::json;
-    use tributary_sdk::{Contribution, Intent, Signals};
+    use tributary_sdk::{Contribution, Intent, PlatformRollup, Signals};
     use wiremock::{
         Mock, MockServer, Request, ResponseTemplate,
         matchers::{method, path},
@@ -924,7 +1036,30 @@ mod tests {
             complaints: 0,
             ideas: 1,
             praise: 0,
-            ..Default::default()
+            last_url: Some("https://community.example.com/t/42".into()),
+            last_excerpt: Some("Is there a way?".into()),
+            count_90d: 2,
+            sentiment_avg_90d: Some(f64::NAN),
+            needs_attention: true,
+            attention_reason: Some("unresolved complaint".into()),
+            per_platform: vec![
+                PlatformRollup {
+                    platform: "discourse".into(),
+                    handle: Some("mayac".into()),
+                    profile_url: None,
+                    first_seen: Utc.with_ymd_and_hms(2024, 4, 1, 12, 0, 0).unwrap(),
+                    last_seen: at,
+                    contributions: 2,
+                },
+                PlatformRollup {
+                    platform: "reddit".into(),
+                    handle: Some(" ".into()),
+                    profile_url: Some("https://reddit.com/u/maya".into()),
+                    first_seen: Utc.with_ymd_and_hms(2024, 4, 15, 0, 0, 0).unwrap(),
+                    last_seen: Utc.with_ymd_and_hms(2024, 4, 15, 0, 0, 0).unwrap(),
+                    contributions: 1,
+                },
+            ],
         };
         assert_eq!(crm.update_rollups(&[rollup]).await.unwrap(), vec![RecordOutcome::Done(())]);
         assert_eq!(crm.archive_activities(std::slice::from_ref(&key)).await.unwrap(), vec![RecordOutcome::Done(())]);
@@ -972,6 +1107,15 @@ mod tests {
                 "contact_id": "email:maya@example.com", "last_contribution_at": "2024-05-01T12:00:00Z",
                 "last_platform": "discourse", "contribution_count": 3, "platforms": ["discourse", "reddit"],
                 "sentiment_avg": 0.25, "questions": 2, "complaints": 0, "ideas": 1, "praise": 0,
+                "last_url": "https://community.example.com/t/42", "last_excerpt": "Is there a way?",
+                "count_90d": 2, "sentiment_avg_90d": null, "needs_attention": true,
+                "attention_reason": "unresolved complaint",
+                "per_platform": [
+                    {"platform": "discourse", "handle": "mayac", "profile_url": null,
+                     "first_seen": "2024-04-01T12:00:00Z", "last_seen": "2024-05-01T12:00:00Z", "contributions": 2},
+                    {"platform": "reddit", "handle": null, "profile_url": "https://reddit.com/u/maya",
+                     "first_seen": "2024-04-15T00:00:00Z", "last_seen": "2024-04-15T00:00:00Z", "contributions": 1},
+                ],
             }])
         );
         assert_eq!(bodies[3]["items"], json!([{ "id": key }]));
@@ -1253,5 +1397,57 @@ mod tests {
 
     fn config_for_errors() -> WebhookConfig {
         config("https://crm.example.com/tributary", 100)
+    }
+
+    #[tokio::test]
+    async fn delete_and_merge_are_signed_events_of_their_own() {
+        let server = MockServer::start().await;
+        always(&server, 200, json!({})).await;
+        let crm = crm(&server, 100);
+        let outcomes = crm.delete_activities(&["k1".into(), " ".into(), "k2".into()]).await.unwrap();
+        assert_eq!(rendered(&outcomes), ["done ()", "rejected the activity id is empty", "done ()"]);
+        crm.merge_contacts(" email:maya@example.com ", "discourse:7").await.unwrap();
+        // One contact: nothing to merge, nothing sent.
+        crm.merge_contacts("discourse:7", "discourse:7").await.unwrap();
+        assert!(matches!(crm.merge_contacts("", "discourse:7").await, Err(CrmError::Unsupported(_))));
+
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(requests.len(), 2);
+        for request in &requests {
+            assert!(receiver_accepts(SECRET, request));
+            assert_eq!(header(request, IDEMPOTENCY_HEADER).len(), 64);
+        }
+        let bodies = bodies(&server).await;
+        assert_eq!(bodies[0]["type"], DELETE);
+        assert_eq!(bodies[0]["version"], 1);
+        assert_eq!(bodies[0]["items"], json!([{ "id": "k1" }, { "id": "k2" }]));
+        assert_eq!(bodies[1]["type"], MERGE);
+        assert_eq!(bodies[1]["items"], json!([{ "survivor": "email:maya@example.com", "merged": "discourse:7" }]));
+
+        // A replayed merge carries the same key; a refused one is an error.
+        crm.merge_contacts("email:maya@example.com", "discourse:7").await.unwrap();
+        let requests = server.received_requests().await.unwrap();
+        assert_eq!(header(&requests[1], IDEMPOTENCY_HEADER), header(&requests[2], IDEMPOTENCY_HEADER));
+        let refusing = MockServer::start().await;
+        always(&refusing, 422, json!({ "message": "unknown contact discourse:7" })).await;
+        let error = self::crm(&refusing, 100).merge_contacts("email:maya@example.com", "discourse:7").await;
+        let error = error.unwrap_err();
+        assert!(matches!(&error, CrmError::Unsupported(m) if m.contains("unknown contact discourse:7")), "{error:?}");
+        let gone = MockServer::start().await;
+        always(&gone, 404, json!({})).await;
+        let error = self::crm(&gone, 100).delete_activities(&["k1".into()]).await.unwrap_err();
+        assert!(error.to_string().contains("404"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn contact_properties_cannot_be_read_from_a_webhook() {
+        let server = MockServer::start().await;
+        let crm = crm(&server, 100);
+        let error = crm.contact_properties("email:maya@example.com", &["lifecyclestage".into()]).await.unwrap_err();
+        assert!(
+            matches!(&error, CrmError::Unsupported(m) if m.contains("cannot read contact properties")),
+            "{error:?}"
+        );
+        assert!(server.received_requests().await.unwrap().is_empty());
     }
 }

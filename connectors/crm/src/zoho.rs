@@ -33,10 +33,26 @@
 //!   A note given by `existing_id` that is gone (`INVALID_DATA`) is created
 //!   again. No write is retried blindly (the HTTP client retries only 429
 //!   and 5xx; a replay after an ambiguous failure goes through the search).
-//! - Archiving: `DELETE /crm/v8/Notes?ids=a,b` (100 ids a call); deleted
-//!   notes go to the recycle bin. A note already gone (`INVALID_DATA`)
-//!   counts as done.
-//! - Rollups: custom fields of Contacts, `PUT /crm/v8/Contacts` with `id`.
+//! - Archiving and deleting: `DELETE /crm/v8/Notes?ids=a,b` (100 ids a call,
+//!   `ids` its one parameter in `notes.json`); deleted notes go to the
+//!   recycle bin, which Zoho empties after 60 days. A note already gone
+//!   (`INVALID_DATA`) counts as done. The v8 files offer no deletion that
+//!   skips the recycle bin, so `delete_activities` is the same call.
+//! - Rollups: custom fields of Contacts, `PUT /crm/v8/Contacts` with `id`:
+//!   the totals, the last contribution's link and excerpt (one line), the
+//!   90-day figures, the attention checkbox and, per platform, first and
+//!   last sighting and contribution count, in the one call. A figure
+//!   without a value is written `null`, so an earlier value never stays.
+//! - Contact properties (for alert rules): `GET /crm/v8/Contacts/{id}?fields=a,b`
+//!   (`record.json`, "Get Record"), answered `{data: [record]}`; a lookup
+//!   (`{name, id}`) reads as its name, a multi-select as its values joined
+//!   by `; `. A field Zoho refuses as unknown (`INVALID_DATA` naming its
+//!   `api_name`) is left out and the rest asked again.
+//! - Merging: the v8 OpenAPI files have no merge operation for Contacts, so
+//!   `merge_contacts` only reads both contacts (`GET /crm/v8/Contacts/{id}`):
+//!   the merged one gone while the survivor exists is a merge done in Zoho
+//!   CRM (whose merge moves the notes to the master record); both present
+//!   is [`CrmError::Unsupported`], saying how to merge them in Zoho CRM.
 //! - Limits: a 24-hour credit allowance and a concurrency limit per org.
 //!   429 `TOO_MANY_REQUESTS` and `Retry-After` / `X-RateLimit-*` headers are
 //!   honoured by the SDK's client. A spent credit allowance comes back as an
@@ -80,6 +96,15 @@ use self::fields::{
     IDENTITY, LAST_NAME_MAX, TEXT_MAX, cap, contact_fields, handle_field, marker, note_content, note_title,
     profile_field, rollup_fields,
 };
+
+/// What `GET /crm/v8/Contacts/{id}` found.
+enum ContactRead {
+    Found(Map<String, Value>),
+    /// No such contact (204, or `INVALID_DATA` about the id).
+    Missing,
+    /// Zoho refused field names it does not know.
+    UnknownFields(Vec<String>),
+}
 
 /// Records per write call (Zoho's limit).
 const BATCH: usize = 100;
@@ -225,6 +250,34 @@ fn trimmed(value: Option<&str>) -> Option<&str> {
 /// A Zoho record id: digits only.
 fn is_record_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 30 && id.chars().all(|c| c.is_ascii_digit())
+}
+
+/// A field value as text: strings as they are, numbers and booleans
+/// written out, a lookup or user (`{name, id}`) as its name, a multi-select
+/// as its values joined by `; `; `None` for null and empty values.
+fn property_text(value: &Value) -> Option<String> {
+    let text = match value {
+        Value::Null => return None,
+        Value::String(text) => text.clone(),
+        Value::Bool(flag) => flag.to_string(),
+        Value::Number(number) => number.to_string(),
+        Value::Array(items) => items.iter().filter_map(property_text).collect::<Vec<_>>().join("; "),
+        Value::Object(fields) => match fields.get("name").and_then(Value::as_str) {
+            Some(name) => name.to_owned(),
+            None => value.to_string(),
+        },
+    };
+    Some(text).filter(|text| !text.trim().is_empty())
+}
+
+/// How to merge in Zoho CRM what its API (as the v8 files describe it) cannot.
+fn merge_in_zoho(survivor: &str, merged: &str) -> CrmError {
+    CrmError::Unsupported(format!(
+        "Zoho CRM's API (v8) has no merge of contacts: merge contact {merged} into {survivor} in Zoho CRM (open \
+         contact {survivor}, … → Find and Merge, keeping {survivor} as the master record), then run the same \
+         `tributary identity link` (or `tributary identity approve`) again: Tributary then sees the merge and moves \
+         its records to {survivor}"
+    ))
 }
 
 /// Escapes a value of a search `criteria` (`(`, `)` and `,` are syntax).
@@ -533,6 +586,42 @@ impl ZohoCrm {
         }
     }
 
+    /// `GET /crm/v8/Contacts/{id}?fields=...`.
+    async fn read_contact(&self, id: &str, names: &[&str]) -> Result<ContactRead, CrmError> {
+        let fields = names.join(",");
+        let path = format!("/crm/v8/Contacts/{id}");
+        let response = self.call(Method::GET, &path, &[("fields", fields.as_str())], None).await?;
+        if response.status.as_u16() == 204 {
+            return Ok(ContactRead::Missing);
+        }
+        if response.status.is_success() {
+            let body: Value = response.json().map_err(|error| self.decode(error))?;
+            return Ok(match body["data"].as_array().and_then(|items| items.first()) {
+                Some(Value::Object(record)) => ContactRead::Found(record.clone()),
+                _ => ContactRead::Missing,
+            });
+        }
+        if !response.status.is_client_error() {
+            return Err(self.unexpected(&response));
+        }
+        let refusal = match read_answer(&response) {
+            // An error about the record may ride in `data[]`.
+            Answer::Records(records) => records.into_iter().next().unwrap_or_default(),
+            Answer::Request(error) => error,
+            Answer::Unreadable => return Err(self.unexpected(&response)),
+        };
+        let named = refusal.details.get("api_name").and_then(Value::as_str);
+        if refusal.code == "INVALID_DATA" {
+            if let Some(field) = named.and_then(|named| names.iter().find(|name| name.eq_ignore_ascii_case(named))) {
+                return Ok(ContactRead::UnknownFields(vec![(*field).to_owned()]));
+            }
+            if named.is_none() || named == Some("id") {
+                return Ok(ContactRead::Missing);
+            }
+        }
+        Err(CrmError::Transient(self.scrub(&format!("Zoho refused to read contact {id}: {}", refusal.describe()))))
+    }
+
     /// Creates one custom field; `false` when it already existed.
     async fn create_field(&self, spec: &fields::FieldSpec) -> Result<bool, CrmError> {
         let body = json!({ "fields": [spec.create_body()] });
@@ -831,6 +920,94 @@ impl Crm for ZohoCrm {
                 Ok(Some(Err(error))) => self.rejected(error),
                 Ok(None) => RecordOutcome::Rejected("no answer for this record".into()),
                 Err(reason) => RecordOutcome::Rejected(reason),
+            })
+            .collect())
+    }
+
+    /// The same `DELETE /crm/v8/Notes?ids=...` as [`Crm::archive_activities`]:
+    /// Zoho keeps deleted notes in its recycle bin for 60 days, and the v8
+    /// files offer no deletion that skips it.
+    async fn delete_activities(&self, activity_ids: &[String]) -> Result<Vec<RecordOutcome<()>>, CrmError> {
+        self.archive_activities(activity_ids).await
+    }
+
+    /// Zoho's v8 API has no merge of contacts: this reads both, and takes
+    /// the merge as done when `merged` is gone while `survivor` exists (a
+    /// merge made in Zoho CRM deletes the merged record).
+    async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
+        let (survivor, merged) = (survivor.trim(), merged.trim());
+        for id in [survivor, merged] {
+            if !is_record_id(id) {
+                return Err(CrmError::Unsupported(format!(
+                    "cannot merge Zoho contacts: `{}` is not a Zoho contact id",
+                    cap(id, 40)
+                )));
+            }
+        }
+        if survivor == merged {
+            return Ok(());
+        }
+        if matches!(self.read_contact(survivor, &["Last_Name"]).await?, ContactRead::Missing) {
+            return Err(CrmError::Unsupported(format!(
+                "cannot merge Zoho contact {merged} into {survivor}: Zoho has no contact {survivor}"
+            )));
+        }
+        match self.read_contact(merged, &["Last_Name"]).await? {
+            ContactRead::Missing => {
+                tracing::info!(survivor, merged, "the contact to merge is gone from zoho; taking the merge as done");
+                Ok(())
+            }
+            ContactRead::Found(_) | ContactRead::UnknownFields(_) => Err(merge_in_zoho(survivor, merged)),
+        }
+    }
+
+    /// `GET /crm/v8/Contacts/{id}?fields=...`: the requested fields that
+    /// have a value, under the names asked for. Names Zoho does not know are
+    /// left out.
+    async fn contact_properties(
+        &self,
+        contact_id: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
+        let contact_id = contact_id.trim();
+        // API names are letters, digits and `_`; anything else cannot be one.
+        let mut wanted: Vec<&str> = names
+            .iter()
+            .map(|name| name.trim())
+            .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(Default::default());
+        }
+        if !is_record_id(contact_id) {
+            return Err(CrmError::Unsupported(format!(
+                "cannot read the properties of Zoho contact `{}`: not a Zoho contact id",
+                cap(contact_id, 40)
+            )));
+        }
+        let record = loop {
+            match self.read_contact(contact_id, &wanted).await? {
+                ContactRead::Found(record) => break record,
+                ContactRead::Missing => {
+                    return Err(CrmError::Transient(format!("Zoho has no contact {contact_id}")));
+                }
+                ContactRead::UnknownFields(unknown) => {
+                    tracing::debug!(contact = contact_id, ?unknown, "zoho does not know these contact fields");
+                    wanted.retain(|name| !unknown.iter().any(|gone| gone == name));
+                    if wanted.is_empty() {
+                        return Ok(Default::default());
+                    }
+                }
+            }
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|name| {
+                let value =
+                    record.iter().find(|(field, _)| field.eq_ignore_ascii_case(name)).map(|(_, value)| value)?;
+                Some(((*name).to_owned(), property_text(value)?))
             })
             .collect())
     }

@@ -207,7 +207,7 @@ pub trait Crm: Send + Sync {
     async fn merge_contacts(&self, survivor: &str, merged: &str) -> Result<(), CrmError> {
         let _ = (survivor, merged);
         Err(CrmError::Unsupported(format!(
-            "the {} sink cannot merge contacts; merge them in the CRM, then run `tributary identity link` again",
+            "the {} sink cannot merge contacts; merge them in the CRM itself",
             self.kind()
         )))
     }

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use tributary_sdk::Contribution;
+use tributary_sdk::{Contribution, PlatformRollup};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use super::*;
@@ -22,6 +22,8 @@ const TOKEN: &str = "bcrm_pat_s3cr3t0123456789abcdef";
 struct State {
     next: u64,
     fields: Vec<String>,
+    /// key -> field_type of the custom field definitions.
+    field_types: BTreeMap<String, String>,
     contacts: BTreeMap<String, Value>,
     /// comment id -> (contact id, text)
     comments: BTreeMap<String, (String, String)>,
@@ -78,6 +80,11 @@ impl Bottle {
                     let message = format!("a Contact field with key '{key}' already exists");
                     return answer(400, json!({ "error": true, "errors": { "key": [message] } }));
                 }
+                let field_type = body["field_type"].as_str().unwrap_or_default().to_owned();
+                if !["text", "textarea", "number", "checkbox", "date", "dropdown"].contains(&field_type.as_str()) {
+                    return answer(400, json!({ "error": true, "errors": { "field_type": ["not a valid choice"] } }));
+                }
+                state.field_types.insert(key.clone(), field_type);
                 state.fields.push(key);
                 answer(201, body)
             }
@@ -139,7 +146,14 @@ impl Bottle {
                             && let Some(fields) = body["custom_fields"].as_object()
                         {
                             for (k, v) in fields.iter().filter(|(k, _)| known.contains(k)) {
-                                contact["custom_fields"][k] = v.clone();
+                                // As `common/custom_fields.py`: null or "" removes the value.
+                                if v.is_null() || *v == json!("") {
+                                    if let Some(stored) = contact["custom_fields"].as_object_mut() {
+                                        stored.remove(k);
+                                    }
+                                } else {
+                                    contact["custom_fields"][k] = v.clone();
+                                }
                             }
                         }
                         answer(200, json!({ "error": false, "message": "Contact Updated Successfully" }))
@@ -396,4 +410,186 @@ fn bottlecrm_error_messages_read_as_the_server_wrote_them() {
         read(403, json!({ "error": true, "errors": "You don't have permission to edit this Comment" })),
         "You don't have permission to edit this Comment"
     );
+}
+
+#[tokio::test]
+async fn bottlecrm_setup_creates_the_rollup_fields_once() {
+    let h = harness().await;
+    let platforms = ["forum".to_owned(), "GitHub".to_owned()];
+    let first = h.crm.setup(&platforms).await.unwrap();
+    // Identity, per platform handle and profile, 15 rollups, per platform first and last seen and count.
+    assert_eq!(first.created.len(), 1 + 2 * 2 + 15 + 2 * 3, "{first:?}");
+    assert!(first.existing.is_empty(), "{first:?}");
+    {
+        let state = h.bottle.state();
+        for (key, field_type) in [
+            ("tributary_needs_attention", "checkbox"),
+            ("tributary_last_excerpt", "text"),
+            ("tributary_sentiment_90d", "number"),
+            ("tributary_first_seen_github", "date"),
+            ("tributary_last_seen_forum", "date"),
+            ("tributary_contributions_forum", "number"),
+        ] {
+            assert_eq!(state.field_types.get(key).map(String::as_str), Some(field_type), "{key}");
+        }
+    }
+    let posts = h.posts().await;
+    let second = h.crm.setup(&platforms).await.unwrap();
+    assert!(second.created.is_empty(), "{second:?}");
+    assert_eq!(second.existing.len(), first.created.len());
+    assert_eq!(h.posts().await, posts, "nothing created twice");
+}
+
+#[tokio::test]
+async fn bottlecrm_rollups_carry_every_figure_in_one_patch_and_clear_what_is_gone() {
+    let h = harness().await;
+    let id = done(&h.crm.upsert_contacts(&[contact("1", Some("maya@example.com"), "maya")]).await.unwrap()).remove(0);
+    let at = |seconds: i64| chrono::DateTime::from_timestamp(seconds, 0).unwrap();
+    let full = Rollup {
+        contact_id: id.clone(),
+        last_contribution_at: at(1_700_000_000),
+        last_platform: "forum".into(),
+        contribution_count: 4,
+        platforms: vec!["forum".into(), "reddit".into()],
+        sentiment_avg: 0.123456,
+        questions: 1,
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("Is there a way?\r\n\r\nI looked in settings.".into()),
+        count_90d: 2,
+        sentiment_avg_90d: Some(-0.5),
+        needs_attention: true,
+        attention_reason: Some("an unresolved complaint".into()),
+        per_platform: vec![
+            PlatformRollup {
+                platform: "forum".into(),
+                handle: Some("maya".into()),
+                profile_url: None,
+                first_seen: at(1_600_000_000),
+                last_seen: at(1_700_000_000),
+                contributions: 3,
+            },
+            // Not set up: its fields are created on first use.
+            PlatformRollup {
+                platform: "reddit".into(),
+                handle: None,
+                profile_url: None,
+                first_seen: at(1_650_000_000),
+                last_seen: at(1_650_000_000),
+                contributions: 1,
+            },
+        ],
+        ..Default::default()
+    };
+    let before = h.server.received_requests().await.unwrap().len();
+    assert_eq!(h.crm.update_rollups(&[full]).await.unwrap(), vec![RecordOutcome::Done(())]);
+    let requests = h.server.received_requests().await.unwrap();
+    let patches: Vec<&Request> = requests[before..].iter().filter(|r| r.method.as_str() == "PATCH").collect();
+    assert_eq!(patches.len(), 1, "one PATCH for every figure");
+    let expected = json!({
+        "tributary_last_contribution_at": "2023-11-14", "tributary_last_platform": "forum",
+        "tributary_contribution_count": 4, "tributary_platforms": "forum, reddit", "tributary_sentiment_avg": 0.1235,
+        "tributary_questions": 1, "tributary_complaints": 0, "tributary_ideas": 0, "tributary_praise": 0,
+        "tributary_last_url": "https://community.example.com/t/42",
+        "tributary_last_excerpt": "Is there a way? I looked in settings.", "tributary_contributions_90d": 2,
+        "tributary_sentiment_90d": -0.5, "tributary_needs_attention": true,
+        "tributary_attention_reason": "an unresolved complaint",
+        "tributary_first_seen_forum": "2020-09-13", "tributary_last_seen_forum": "2023-11-14",
+        "tributary_contributions_forum": 3,
+        "tributary_first_seen_reddit": "2022-04-15", "tributary_last_seen_reddit": "2022-04-15",
+        "tributary_contributions_reddit": 1,
+    });
+    assert_eq!(patches[0].body_json::<Value>().unwrap(), json!({ "custom_fields": expected }));
+    assert_eq!(h.bottle.state().contacts[&id]["custom_fields"]["tributary_contributions_reddit"], 1);
+
+    // Without those values: sent as null, removed by the server.
+    let bare = Rollup { contact_id: id.clone(), last_contribution_at: at(1_700_000_000), ..Default::default() };
+    assert_eq!(h.crm.update_rollups(&[bare]).await.unwrap(), vec![RecordOutcome::Done(())]);
+    let state = h.bottle.state();
+    let stored = state.contacts[&id]["custom_fields"].as_object().unwrap();
+    for key in ["tributary_last_url", "tributary_last_excerpt", "tributary_sentiment_90d", "tributary_attention_reason"]
+    {
+        assert!(!stored.contains_key(key), "{key} lingers: {stored:?}");
+    }
+    assert_eq!(stored["tributary_needs_attention"], false);
+}
+
+#[tokio::test]
+async fn bottlecrm_delete_removes_comments_and_gone_ones_are_done() {
+    let h = harness().await;
+    let id = done(&h.crm.upsert_contacts(&[contact("1", None, "maya")]).await.unwrap()).remove(0);
+    let comments =
+        done(&h.crm.upsert_activities(&[activity("a1", &id, None), activity("a2", &id, None)]).await.unwrap());
+    let outcomes = h.crm.delete_activities(&[comments[0].clone(), comments[0].clone(), "not an id".into()]).await;
+    let outcomes = outcomes.unwrap();
+    assert_eq!(&outcomes[..2], [RecordOutcome::Done(()), RecordOutcome::Done(())]);
+    assert!(matches!(&outcomes[2], RecordOutcome::Rejected(m) if m.contains("not a BottleCRM comment id")));
+    assert_eq!(h.bottle.state().comments.keys().cloned().collect::<Vec<_>>(), [comments[1].clone()]);
+    let requests = h.server.received_requests().await.unwrap();
+    let deletes: Vec<String> =
+        requests.iter().filter(|r| r.method.as_str() == "DELETE").map(|r| r.url.path().to_owned()).collect();
+    assert_eq!(deletes, vec![format!("/api/contacts/comment/{}/", comments[0]); 2]);
+}
+
+#[tokio::test]
+async fn bottlecrm_contact_properties_read_standard_and_custom_fields() {
+    let h = harness().await;
+    let id = done(&h.crm.upsert_contacts(&[contact("1", Some("maya@example.com"), "maya")]).await.unwrap()).remove(0);
+    {
+        let mut state = h.bottle.state();
+        let stored = state.contacts.get_mut(&id).unwrap();
+        stored["title"] = json!("CTO");
+        stored["organization"] = json!("");
+        stored["account"] = json!({ "id": uuid(7), "name": "Acme" });
+        stored["custom_fields"]["lifecycle_stage"] = json!("customer");
+        stored["custom_fields"]["tributary_contribution_count"] = json!(3.0);
+    }
+    let names: Vec<String> = [
+        "title",
+        "organization",
+        "account",
+        "lifecycle_stage",
+        "tributary_handle_forum",
+        "tributary_contribution_count",
+        "nothing",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let found = h.crm.contact_properties(&id, &names).await.unwrap();
+    let expected = [
+        ("account", "Acme"),
+        ("lifecycle_stage", "customer"),
+        ("title", "CTO"),
+        ("tributary_contribution_count", "3"),
+        ("tributary_handle_forum", "maya"),
+    ];
+    assert_eq!(found, expected.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>());
+    let error = h.crm.contact_properties(&uuid(999), &names).await.unwrap_err();
+    assert!(error.to_string().contains("no contact"), "{error}");
+    assert!(matches!(h.crm.contact_properties("x y", &names).await, Err(CrmError::Unsupported(_))));
+}
+
+#[tokio::test]
+async fn bottlecrm_cannot_merge_and_says_what_to_do() {
+    let h = harness().await;
+    let ids = done(
+        &h.crm
+            .upsert_contacts(&[contact("1", Some("maya@example.com"), "maya"), contact("2", None, "maya2")])
+            .await
+            .unwrap(),
+    );
+    let error = h.crm.merge_contacts(&ids[0], &ids[1]).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+    let message = error.to_string();
+    for part in ["no merge of contacts", "delete", "`tributary identity link`", ids[0].as_str()] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    // The administrator deleted the duplicate: done.
+    h.bottle.state().contacts.remove(&ids[1]);
+    h.crm.merge_contacts(&ids[0], &ids[1]).await.unwrap();
+    let error = h.crm.merge_contacts(&ids[1], &ids[0]).await.unwrap_err();
+    assert!(error.to_string().contains("has no contact"), "{error}");
+    h.crm.merge_contacts(&ids[0], &ids[0]).await.unwrap();
+    let writes = h.server.received_requests().await.unwrap();
+    let after_upsert = writes.iter().rposition(|r| r.method.as_str() != "GET").unwrap();
+    assert!(writes[after_upsert].url.path().ends_with("/contacts/"), "merging only reads");
 }

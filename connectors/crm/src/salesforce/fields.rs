@@ -26,6 +26,8 @@ pub(crate) enum FieldKind {
     /// `Number` with (precision, scale).
     Number(u32, u32),
     DateTime,
+    /// `Checkbox`, unchecked by default.
+    Checkbox,
 }
 
 /// One custom field as `crm setup` creates it.
@@ -74,6 +76,11 @@ impl FieldSpec {
                 metadata["scale"] = json!(scale);
             }
             FieldKind::DateTime => metadata["type"] = json!("DateTime"),
+            FieldKind::Checkbox => {
+                metadata["type"] = json!("Checkbox");
+                // Required for a checkbox; the Metadata API takes it as text.
+                metadata["defaultValue"] = json!("false");
+            }
         }
         json!({ "FullName": self.full_name(), "Metadata": metadata })
     }
@@ -110,7 +117,25 @@ pub(crate) fn profile_field(platform: &str) -> String {
     format!("Tributary_{}_Profile__c", platform_slug(platform))
 }
 
-/// The Contact fields: identity, per platform handle and profile, rollups.
+/// The Contact field holding when a person was first seen on `platform`.
+/// (`Tributary_` + a slug of at most 20 + `_First` stays within Salesforce's
+/// 40 characters for a field name.)
+pub(crate) fn first_seen_field(platform: &str) -> String {
+    format!("Tributary_{}_First__c", platform_slug(platform))
+}
+
+/// The Contact field holding when a person was last seen on `platform`.
+pub(crate) fn last_seen_field(platform: &str) -> String {
+    format!("Tributary_{}_Last__c", platform_slug(platform))
+}
+
+/// The Contact field holding how many contributions a person made on `platform`.
+pub(crate) fn contributions_field(platform: &str) -> String {
+    format!("Tributary_{}_Count__c", platform_slug(platform))
+}
+
+/// The Contact fields: identity, per platform handle and profile, rollups,
+/// then per platform the rollup figures.
 pub(crate) fn contact_fields(platforms: &[String]) -> Vec<FieldSpec> {
     use FieldKind::*;
     let mut fields = vec![FieldSpec::new(
@@ -123,7 +148,8 @@ pub(crate) fn contact_fields(platforms: &[String]) -> Vec<FieldSpec> {
     let mut slugs: Vec<(String, &str)> = platforms.iter().map(|p| (platform_slug(p), p.as_str())).collect();
     slugs.sort();
     slugs.dedup_by(|a, b| a.0 == b.0);
-    for (_, platform) in slugs {
+    for (_, platform) in &slugs {
+        let platform = *platform;
         fields.push(FieldSpec::new(
             "Contact",
             &handle_field(platform),
@@ -173,7 +199,73 @@ pub(crate) fn contact_fields(platforms: &[String]) -> Vec<FieldSpec> {
         FieldSpec::new("Contact", "Tributary_Complaints__c", "Community Complaints", Number(18, 0), "Complaints."),
         FieldSpec::new("Contact", "Tributary_Ideas__c", "Community Ideas", Number(18, 0), "Ideas."),
         FieldSpec::new("Contact", "Tributary_Praise__c", "Community Praise", Number(18, 0), "Praise."),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Last_Url__c",
+            "Last Contribution URL",
+            Text(255),
+            "Link to the person's last contribution (empty when longer than the field).",
+        ),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Last_Excerpt__c",
+            "Last Contribution Excerpt",
+            Text(255),
+            "The start of the person's last contribution, on one line.",
+        ),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Contributions_90d__c",
+            "Community Contributions (90 Days)",
+            Number(18, 0),
+            "How many contributions the person made in the last 90 days.",
+        ),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Sentiment_90d__c",
+            "Community Sentiment (90 Days)",
+            Number(4, 3),
+            "Mean sentiment of the last 90 days' contributions, from -1 to 1; empty when none was scored.",
+        ),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Needs_Attention__c",
+            "Needs Attention",
+            Checkbox,
+            "An unresolved complaint or a sharp drop in sentiment: someone should look at this person.",
+        ),
+        FieldSpec::new(
+            "Contact",
+            "Tributary_Attention_Reason__c",
+            "Attention Reason",
+            Text(255),
+            "Why the person needs attention, in words.",
+        ),
     ]);
+    for (_, platform) in &slugs {
+        let platform = *platform;
+        fields.push(FieldSpec::new(
+            "Contact",
+            &first_seen_field(platform),
+            &format!("First Seen on {platform}"),
+            DateTime,
+            &format!("When the person's first contribution on {platform} was posted."),
+        ));
+        fields.push(FieldSpec::new(
+            "Contact",
+            &last_seen_field(platform),
+            &format!("Last Seen on {platform}"),
+            DateTime,
+            &format!("When the person's last contribution on {platform} was posted."),
+        ));
+        fields.push(FieldSpec::new(
+            "Contact",
+            &contributions_field(platform),
+            &format!("Contributions on {platform}"),
+            Number(18, 0),
+            &format!("How many contributions Tributary delivered for the person from {platform}."),
+        ));
+    }
     fields
 }
 
@@ -201,6 +293,21 @@ pub(crate) fn cap(text: &str, max: usize) -> String {
         Some((cut, _)) => text[..cut].to_owned(),
         None => text.to_owned(),
     }
+}
+
+/// Text for a one-line `Text` field: line breaks, tabs and other control
+/// characters become spaces, runs of spaces fold, and the text stops (with
+/// `…`) after `max` characters.
+pub(crate) fn one_line(text: &str, max: usize) -> String {
+    let folded =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect::<Vec<_>>();
+    let folded = folded.join(" ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out = cap(&folded, max.saturating_sub(1)).trim_end().to_owned();
+    out.push('…');
+    out
 }
 
 /// A `DateTime` field value.
@@ -234,7 +341,7 @@ pub(crate) fn soql_literal(text: &str) -> String {
 }
 
 /// The URL when it is an absolute http(s) URL.
-fn web_link(url: &str) -> Option<String> {
+pub(crate) fn web_link(url: &str) -> Option<String> {
     let parsed = url::Url::parse(url.trim()).ok()?;
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
 }
@@ -304,5 +411,28 @@ mod tests {
         let text = description(&long);
         assert!(text.chars().count() <= DESCRIPTION_MAX && text.ends_with("intent: question · sentiment: 0.25"));
         assert_eq!(subject(&Contribution { title: None, ..Contribution::sample() }), "discourse post");
+        assert_eq!(one_line(" a\n\tb\r\n  c ", 10), "a b c");
+        assert_eq!(one_line("abcdef ghij", 6), "abcde…");
+    }
+
+    #[test]
+    fn every_field_name_fits_salesforce() {
+        let longest = "a_very_long_platform_name_indeed".to_owned();
+        let fields = contact_fields(&[longest.clone(), "x".into()]);
+        for field in fields.iter().chain(&task_fields()) {
+            let name = field.name.trim_end_matches("__c");
+            assert!(name.len() <= 40, "{name} is {} characters", name.len());
+            assert!(!name.contains("__") && !name.ends_with('_'), "{name}");
+        }
+        assert_eq!(first_seen_field(&longest), "Tributary_A_Very_Long_Platform_First__c");
+        assert_eq!(contributions_field("GitHub"), "Tributary_Github_Count__c");
+        let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names.iter().filter(|n| n.ends_with("_Last__c")).count(), 2);
+        let attention = fields.iter().find(|f| f.name == "Tributary_Needs_Attention__c").unwrap();
+        assert_eq!(
+            attention.create_body()["Metadata"],
+            json!({ "type": "Checkbox", "defaultValue": "false", "label": "Needs Attention",
+                    "description": attention.description })
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value, json};
-use tributary_sdk::{Author, Contribution, Intent, Signals};
+use tributary_sdk::{Author, Contribution, Intent, PlatformRollup, Signals};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::any};
 
 use super::*;
@@ -26,6 +26,8 @@ struct Org {
     /// Every token is refused (a revoked integration user).
     refuse_all_sessions: bool,
     contacts: Vec<Record>,
+    /// Contacts in the Recycle Bin (deleted, or merged: `MasterRecordId` set).
+    deleted_contacts: Vec<Record>,
     tasks: Vec<Record>,
     /// `Table.DeveloperName` of the custom fields.
     custom_fields: Vec<String>,
@@ -119,6 +121,11 @@ impl FakeOrg {
         let query = |name: &str| request.url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
         let (status, answer) = match (method.as_str(), path.strip_prefix(API).unwrap_or(&path)) {
             ("GET", "/query") => (200, self.query(org, &query("q").unwrap_or_default())),
+            ("GET", "/queryAll") => (200, self.query_all(org, &query("q").unwrap_or_default())),
+            ("GET", path) if path.starts_with("/sobjects/Contact/") => {
+                let id = path.trim_start_matches("/sobjects/Contact/");
+                self.read_contact(org, id, &query("fields").unwrap_or_default())
+            }
             ("GET", "/tooling/query") => {
                 let records: Vec<Value> = if org.tooling_query_blind {
                     vec![]
@@ -220,6 +227,54 @@ impl FakeOrg {
             })
             .collect();
         json!({ "totalSize": records.len(), "done": true, "records": records })
+    }
+
+    /// `queryAll` of `SELECT Id, IsDeleted, MasterRecordId FROM Contact WHERE Id IN (...)`:
+    /// deleted (and merged) contacts too.
+    fn query_all(&self, org: &Org, soql: &str) -> Value {
+        assert!(soql.starts_with("SELECT Id, IsDeleted, MasterRecordId FROM Contact WHERE Id IN ("), "{soql}");
+        let ids = literals(soql);
+        let records: Vec<Value> = org
+            .contacts
+            .iter()
+            .chain(&org.deleted_contacts)
+            .filter(|c| ids.iter().any(|id| id[..15] == c.id[..15]))
+            .map(|c| {
+                json!({
+                    "attributes": { "type": "Contact" }, "Id": c.id,
+                    "IsDeleted": org.deleted_contacts.iter().any(|d| d.id == c.id),
+                    "MasterRecordId": c.fields.get("MasterRecordId").cloned().unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        json!({ "totalSize": records.len(), "done": true, "records": records })
+    }
+
+    /// `GET /sobjects/Contact/{id}?fields=a,b`: the first unknown field is
+    /// refused as Salesforce does; names answer in their own case.
+    fn read_contact(&self, org: &Org, id: &str, fields: &str) -> (u16, Value) {
+        let Some(contact) = org.contacts.iter().find(|c| c.id == id) else {
+            return (404, errors("NOT_FOUND", "The requested resource does not exist"));
+        };
+        let mut known: Vec<String> =
+            ["Id", "Email", "FirstName", "LastName", "Title", "Description", "LeadSource", "AccountId"]
+                .map(str::to_owned)
+                .to_vec();
+        known.extend(org.custom_fields.iter().filter_map(|f| f.strip_prefix("Contact.")).map(|f| format!("{f}__c")));
+        known.extend(contact.fields.keys().cloned());
+        let mut answer = Map::new();
+        answer.insert("attributes".into(), json!({ "type": "Contact", "url": format!("{API}/sobjects/Contact/{id}") }));
+        for name in fields.split(',') {
+            let Some(canonical) = known.iter().find(|k| k.eq_ignore_ascii_case(name)) else {
+                let message = format!(
+                    "\n{fields}\n^\nERROR at Row:1:Column:1\nNo such column '{name}' on entity 'Contact'. If you are \
+                     attempting to use a custom field, be sure to append the '__c' after the custom field name."
+                );
+                return (400, errors("INVALID_FIELD", &message));
+            };
+            answer.insert(canonical.clone(), contact.fields.get(canonical).cloned().unwrap_or(Value::Null));
+        }
+        (200, Value::Object(answer))
     }
 
     fn upsert(&self, org: &mut Org, body: &Value, contacts: bool, key: &str) -> Value {
@@ -472,7 +527,11 @@ async fn first_sync_writes_contacts_tasks_and_rollups() {
                 "Tributary_Last_Contribution__c": "2023-11-14T22:13:20.000Z", "Tributary_Last_Platform__c": "discourse",
                 "Tributary_Contribution_Count__c": 3, "Tributary_Platforms__c": "discourse;github",
                 "Tributary_Sentiment__c": 0.123, "Tributary_Questions__c": 1, "Tributary_Complaints__c": 1,
-                "Tributary_Ideas__c": 0, "Tributary_Praise__c": 1 })
+                "Tributary_Ideas__c": 0, "Tributary_Praise__c": 1,
+                // Figures without a value are written empty, so none lingers.
+                "Tributary_Last_Url__c": null, "Tributary_Last_Excerpt__c": null, "Tributary_Contributions_90d__c": 0,
+                "Tributary_Sentiment_90d__c": null, "Tributary_Needs_Attention__c": false,
+                "Tributary_Attention_Reason__c": null })
     );
     let org = fixture.org();
     assert_eq!(org.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), task_ids);
@@ -662,7 +721,15 @@ async fn setup_creates_the_fields_once() {
     assert_eq!(first.existing, ["Contact.Tributary_Identity__c"]);
     assert!(first.created.contains(&"Contact.Tributary_Github_Handle__c".to_owned()));
     assert!(first.created.contains(&"Activity.Tributary_Key__c".to_owned()));
-    assert_eq!(first.created.len(), 9 + 4 + 5);
+    // Per platform handle and profile, the rollups, per platform the rollup figures, the Task fields.
+    assert_eq!(first.created.len(), 4 + 15 + 6 + 5, "{:?}", first.created);
+    for name in [
+        "Contact.Tributary_Needs_Attention__c",
+        "Contact.Tributary_Github_First__c",
+        "Contact.Tributary_Discourse_Count__c",
+    ] {
+        assert!(first.created.contains(&name.to_owned()), "{name} not in {:?}", first.created);
+    }
     let requests = fixture.requests().await;
     let tooling = &requests[1];
     assert_eq!(tooling.url.path(), "/services/data/v61.0/tooling/query");
@@ -680,6 +747,14 @@ async fn setup_creates_the_fields_once() {
                 "caseSensitive": false,
                 "description": "Deterministic key of the contribution: Tributary's upsert key for tasks." })
     );
+    let field = |full_name: &str| {
+        requests.iter().filter_map(|r| r.body_json::<Value>().ok()).find(|b| b["FullName"] == full_name).unwrap()
+    };
+    assert_eq!(field("Contact.Tributary_Needs_Attention__c")["Metadata"]["type"], "Checkbox");
+    assert_eq!(field("Contact.Tributary_Needs_Attention__c")["Metadata"]["defaultValue"], "false");
+    assert_eq!(field("Contact.Tributary_Github_Last__c")["Metadata"]["type"], "DateTime");
+    assert_eq!(field("Contact.Tributary_Github_Count__c")["Metadata"]["precision"], 18);
+    assert_eq!(field("Contact.Tributary_Sentiment_90d__c")["Metadata"]["scale"], 3);
 
     let sent = requests.len();
     let second = crm.setup(&platforms).await.unwrap();
@@ -752,4 +827,209 @@ fn config_reads_as_written_and_names_bad_keys() {
     .with_token_store(Arc::new(MemoryTokenStore::default()));
     assert_eq!(crm.kind(), "salesforce");
     assert!(!format!("{crm:?}").contains("value\""));
+}
+
+#[tokio::test]
+async fn rollups_carry_every_figure_in_the_same_update() {
+    let fixture = Fixture::start(org_with_maya()).await;
+    let crm = fixture.crm();
+    let at = |seconds: i64| chrono::DateTime::from_timestamp(seconds, 0).unwrap();
+    let full = Rollup {
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("Is there a way?\n\nI looked\tin settings.".into()),
+        count_90d: 2,
+        sentiment_avg_90d: Some(-0.45678),
+        needs_attention: true,
+        attention_reason: Some("an unresolved complaint\n(3 days old)".into()),
+        per_platform: vec![
+            PlatformRollup {
+                platform: "discourse".into(),
+                handle: Some("mayac".into()),
+                profile_url: None,
+                first_seen: at(1_600_000_000),
+                last_seen: at(1_700_000_000),
+                contributions: 2,
+            },
+            PlatformRollup {
+                platform: "Stack Exchange".into(),
+                handle: None,
+                profile_url: None,
+                first_seen: at(1_650_000_000),
+                last_seen: at(1_650_000_000),
+                contributions: 1,
+            },
+        ],
+        ..rollup("00300000000000MAYA")
+    };
+    let long_url = Rollup {
+        last_url: Some(format!("https://community.example.com/t/{}", "x".repeat(300))),
+        last_excerpt: Some("y".repeat(400)),
+        ..rollup("00300000000000MAYA")
+    };
+    check(&crm.update_rollups(&[full]).await.unwrap(), &[Ok("()")]);
+    let requests = fixture.requests().await;
+    let patches: Vec<&Request> = requests.iter().filter(|r| r.method.as_str() == "PATCH").collect();
+    assert_eq!(patches.len(), 1, "one Collections update for every figure");
+    let body: Value = patches[0].body_json().unwrap();
+    assert_eq!(body["records"].as_array().unwrap().len(), 1);
+    let record = &body["records"][0];
+    for (field, value) in [
+        ("Tributary_Contribution_Count__c", json!(3)),
+        ("Tributary_Last_Url__c", json!("https://community.example.com/t/42")),
+        ("Tributary_Last_Excerpt__c", json!("Is there a way? I looked in settings.")),
+        ("Tributary_Contributions_90d__c", json!(2)),
+        ("Tributary_Sentiment_90d__c", json!(-0.457)),
+        ("Tributary_Needs_Attention__c", json!(true)),
+        ("Tributary_Attention_Reason__c", json!("an unresolved complaint (3 days old)")),
+        ("Tributary_Discourse_First__c", json!("2020-09-13T12:26:40.000Z")),
+        ("Tributary_Discourse_Last__c", json!("2023-11-14T22:13:20.000Z")),
+        ("Tributary_Discourse_Count__c", json!(2)),
+        ("Tributary_Stack_Exchange_First__c", json!("2022-04-15T05:20:00.000Z")),
+        ("Tributary_Stack_Exchange_Count__c", json!(1)),
+    ] {
+        assert_eq!(record[field], value, "{field}");
+    }
+    assert_eq!(fixture.org().contacts[0].fields["Tributary_Needs_Attention__c"], true);
+
+    // A link longer than the field is left empty; text is cut with an
+    // ellipsis; figures without a value are emptied.
+    check(&crm.update_rollups(&[long_url]).await.unwrap(), &[Ok("()")]);
+    let org = fixture.org();
+    let maya = &org.contacts[0].fields;
+    assert_eq!(maya["Tributary_Last_Url__c"], Value::Null);
+    let excerpt = maya["Tributary_Last_Excerpt__c"].as_str().unwrap();
+    assert!(excerpt.chars().count() == 255 && excerpt.ends_with('…'), "{excerpt}");
+    assert_eq!(maya["Tributary_Needs_Attention__c"], false);
+    assert_eq!(maya["Tributary_Attention_Reason__c"], Value::Null);
+    assert_eq!(maya["Tributary_Sentiment_90d__c"], Value::Null);
+}
+
+#[tokio::test]
+async fn deleting_tasks_uses_the_collections_delete_and_gone_ones_are_done() {
+    let fixture = Fixture::start(Org::new()).await;
+    let crm = fixture.crm();
+    let ids = check(&crm.upsert_contacts(&[contact("discourse:9", None, "bob")]).await.unwrap(), &[Ok("*")]);
+    let tasks = check(
+        &crm.upsert_activities(&[activity("1", &ids[0]), activity("2", &ids[0])]).await.unwrap(),
+        &[Ok("*"), Ok("*")],
+    );
+    let outcomes = crm.delete_activities(&[tasks[0].clone(), "00T00000000000GONE".into(), "".into()]).await.unwrap();
+    check(&outcomes, &[Ok("()"), Ok("()"), Err("`` is not a Salesforce id")]);
+    // Deleting again: already gone, done.
+    check(&crm.delete_activities(std::slice::from_ref(&tasks[0])).await.unwrap(), &[Ok("()")]);
+    let requests = fixture.requests().await;
+    let deletes: Vec<&Request> = requests.iter().filter(|r| r.method.as_str() == "DELETE").collect();
+    assert_eq!(deletes.len(), 2);
+    assert_eq!(deletes[0].url.path(), "/services/data/v61.0/composite/sobjects");
+    assert_eq!(deletes[0].url.query(), Some(&*format!("ids={}%2C00T00000000000GONE&allOrNone=false", tasks[0])));
+    let org = fixture.org();
+    assert_eq!(org.tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), [tasks[1].clone()]);
+}
+
+#[tokio::test]
+async fn contact_properties_are_read_and_unknown_names_left_out() {
+    let mut org = org_with_maya();
+    org.custom_fields.push("Contact.Lifecycle_Stage".into());
+    let fields = &mut org.contacts[0].fields;
+    fields.insert("Title".into(), json!("VP Engineering"));
+    fields.insert("Lifecycle_Stage__c".into(), json!("customer"));
+    fields.insert("Tributary_Contribution_Count__c".into(), json!(3));
+    fields.insert("Tributary_Needs_Attention__c".into(), json!(true));
+    fields.insert("Description".into(), json!(""));
+    let fixture = Fixture::start(org).await;
+    let crm = fixture.crm();
+    let names: Vec<String> = [
+        "title",
+        "Lifecycle_Stage__c",
+        "Description",
+        "LeadSource",
+        "No_Such__c",
+        "Tributary_Contribution_Count__c",
+        "Tributary_Needs_Attention__c",
+        "Account.Name",
+        "title",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let found = crm.contact_properties("00300000000000MAYA", &names).await.unwrap();
+    assert_eq!(
+        found,
+        std::collections::BTreeMap::from([
+            ("Lifecycle_Stage__c".to_owned(), "customer".to_owned()),
+            ("Tributary_Contribution_Count__c".to_owned(), "3".to_owned()),
+            ("Tributary_Needs_Attention__c".to_owned(), "true".to_owned()),
+            ("title".to_owned(), "VP Engineering".to_owned()),
+        ])
+    );
+    let requests = fixture.requests().await;
+    let reads: Vec<&Request> = requests.iter().filter(|r| r.url.path().contains("/sobjects/Contact/")).collect();
+    assert_eq!(reads.len(), 2, "asked again without the unknown field");
+    assert_eq!(reads[0].url.path(), "/services/data/v61.0/sobjects/Contact/00300000000000MAYA");
+    let asked = |request: &Request| request.url.query_pairs().find(|(k, _)| k == "fields").unwrap().1.into_owned();
+    assert_eq!(
+        asked(reads[0]),
+        "Description,LeadSource,Lifecycle_Stage__c,No_Such__c,Tributary_Contribution_Count__c,\
+         Tributary_Needs_Attention__c,title"
+    );
+    assert!(!asked(reads[1]).contains("No_Such__c"), "{}", asked(reads[1]));
+
+    // Nothing to ask: no request. An unknown contact: an error.
+    assert!(crm.contact_properties("00300000000000MAYA", &["bad name".into()]).await.unwrap().is_empty());
+    assert_eq!(fixture.requests().await.len(), requests.len());
+    let error = crm.contact_properties("00300000000000NONE", &names).await.unwrap_err();
+    assert!(error.to_string().contains("no contact 00300000000000NONE"), "{error}");
+}
+
+#[tokio::test]
+async fn merging_is_done_in_salesforce_and_seen_afterwards() {
+    let survivor = "00300000000000MAYA";
+    let mut org = org_with_maya();
+    org.contacts.push(Record { id: "00300000000000DUPE".into(), fields: Map::new() });
+    let fixture = Fixture::start(org).await;
+    let crm = fixture.crm();
+
+    // Both alive: Salesforce's REST API cannot merge them; the message says how.
+    let error = crm.merge_contacts(survivor, "00300000000000DUPE").await.unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+    for part in
+        ["SOAP and Apex", "Contacts → Merge Contacts", "keeping 00300000000000MAYA", "`tributary identity link`"]
+    {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    let requests = fixture.requests().await;
+    let lookup = requests.last().unwrap();
+    assert_eq!(lookup.url.path(), "/services/data/v61.0/queryAll");
+    assert_eq!(
+        lookup.url.query_pairs().find(|(k, _)| k == "q").unwrap().1,
+        "SELECT Id, IsDeleted, MasterRecordId FROM Contact WHERE Id IN ('00300000000000MAYA', '00300000000000DUPE')"
+    );
+    assert!(requests.iter().all(|r| r.method.as_str() == "GET" || r.url.path().ends_with("token")), "nothing written");
+
+    // An administrator merged them in Salesforce (15-character ids name them too): done.
+    {
+        let mut org = fixture.org();
+        let mut dupe = org.contacts.remove(1);
+        dupe.fields.insert("MasterRecordId".into(), json!(survivor));
+        org.deleted_contacts.push(dupe);
+    }
+    crm.merge_contacts(survivor, "00300000000000DUPE").await.unwrap();
+    crm.merge_contacts(&survivor[..15], "00300000000000DUPE").await.unwrap();
+
+    // Merged into another contact: the message names it.
+    fixture.org().deleted_contacts[0].fields.insert("MasterRecordId".into(), json!("00300000000000ANNA"));
+    let error = crm.merge_contacts(survivor, "00300000000000DUPE").await.unwrap_err().to_string();
+    assert!(error.contains("merged contact 00300000000000DUPE into 00300000000000ANNA"), "{error}");
+    // Gone without a trace (purged): nothing left to move, done.
+    crm.merge_contacts(survivor, "00300000000000PRGD").await.unwrap();
+    // A survivor that was itself merged away, or never existed: an error.
+    let error = crm.merge_contacts("00300000000000DUPE", survivor).await.unwrap_err().to_string();
+    assert!(error.contains("was itself merged into 00300000000000ANNA"), "{error}");
+    let error = crm.merge_contacts("00300000000000NONE", survivor).await.unwrap_err().to_string();
+    assert!(error.contains("has no contact 00300000000000NONE"), "{error}");
+    // One contact, or ids that cannot be Salesforce's: no request.
+    let sent = fixture.requests().await.len();
+    crm.merge_contacts(survivor, survivor).await.unwrap();
+    assert!(crm.merge_contacts(survivor, "x").await.is_err());
+    assert_eq!(fixture.requests().await.len(), sent);
 }

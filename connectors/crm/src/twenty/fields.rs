@@ -40,6 +40,7 @@ pub(crate) enum FieldType {
     Text,
     Number,
     DateTime,
+    Boolean,
 }
 
 impl FieldType {
@@ -48,6 +49,7 @@ impl FieldType {
             FieldType::Text => "TEXT",
             FieldType::Number => "NUMBER",
             FieldType::DateTime => "DATE_TIME",
+            FieldType::Boolean => "BOOLEAN",
         }
     }
 }
@@ -87,6 +89,9 @@ impl FieldSpec {
         });
         if self.unique {
             body["isUnique"] = json!(true);
+        }
+        if self.kind == FieldType::Boolean {
+            body["defaultValue"] = json!(false);
         }
         body
     }
@@ -128,8 +133,23 @@ pub(crate) fn profile_field(prefix: &str, platform: &str) -> String {
     format!("{prefix}Profile{}", platform_slug(platform))
 }
 
+/// When the person was first seen on `platform`: `tributaryFirstSeenDiscourse`.
+pub(crate) fn first_seen_field(prefix: &str, platform: &str) -> String {
+    format!("{prefix}FirstSeen{}", platform_slug(platform))
+}
+
+/// When the person was last seen on `platform`: `tributaryLastSeenDiscourse`.
+pub(crate) fn last_seen_field(prefix: &str, platform: &str) -> String {
+    format!("{prefix}LastSeen{}", platform_slug(platform))
+}
+
+/// How many contributions the person made on `platform`: `tributaryContributionsDiscourse`.
+pub(crate) fn contributions_field(prefix: &str, platform: &str) -> String {
+    format!("{prefix}Contributions{}", platform_slug(platform))
+}
+
 /// The person fields: identity, per platform handle, account id and
-/// profile address, then the rollups.
+/// profile address, the rollups, then per platform the rollup figures.
 pub(crate) fn person_fields(prefix: &str, platforms: &[String]) -> Vec<FieldSpec> {
     use FieldType::*;
     let mut identity = FieldSpec::new(
@@ -145,7 +165,7 @@ pub(crate) fn person_fields(prefix: &str, platforms: &[String]) -> Vec<FieldSpec
         platforms.iter().map(|platform| (platform_slug(platform), platform.as_str())).collect();
     slugs.sort();
     slugs.dedup_by(|a, b| a.0 == b.0);
-    for (slug, platform) in slugs {
+    for (slug, platform) in &slugs {
         fields.push(FieldSpec::new(
             prefix,
             &format!("handle{slug}"),
@@ -202,7 +222,60 @@ pub(crate) fn person_fields(prefix: &str, platforms: &[String]) -> Vec<FieldSpec
         FieldSpec::new(prefix, "complaints", "Community complaints", Number, "Contributions read as complaints."),
         FieldSpec::new(prefix, "ideas", "Community ideas", Number, "Contributions read as ideas."),
         FieldSpec::new(prefix, "praise", "Community praise", Number, "Contributions read as praise."),
+        FieldSpec::new(prefix, "lastUrl", "Last contribution URL", Text, "Link to the person's last contribution."),
+        FieldSpec::new(
+            prefix,
+            "lastExcerpt",
+            "Last contribution excerpt",
+            Text,
+            "The start of the person's last contribution, on one line.",
+        ),
+        FieldSpec::new(
+            prefix,
+            "contributions90d",
+            "Community contributions (90 days)",
+            Number,
+            "How many contributions the person made in the last 90 days.",
+        ),
+        FieldSpec::new(
+            prefix,
+            "sentiment90d",
+            "Community sentiment (90 days)",
+            Number,
+            "Mean sentiment of the last 90 days' contributions, from -1 to 1; empty when none was scored.",
+        ),
+        FieldSpec::new(
+            prefix,
+            "needsAttention",
+            "Needs attention",
+            Boolean,
+            "An unresolved complaint or a sharp drop in sentiment: someone should look at this person.",
+        ),
+        FieldSpec::new(prefix, "attentionReason", "Attention reason", Text, "Why the person needs attention."),
     ]);
+    for (slug, platform) in &slugs {
+        fields.push(FieldSpec::new(
+            prefix,
+            &format!("firstSeen{slug}"),
+            &format!("First seen on {platform}"),
+            DateTime,
+            &format!("When the person's first contribution on {platform} was posted."),
+        ));
+        fields.push(FieldSpec::new(
+            prefix,
+            &format!("lastSeen{slug}"),
+            &format!("Last seen on {platform}"),
+            DateTime,
+            &format!("When the person's last contribution on {platform} was posted."),
+        ));
+        fields.push(FieldSpec::new(
+            prefix,
+            &format!("contributions{slug}"),
+            &format!("Contributions on {platform}"),
+            Number,
+            &format!("How many contributions Tributary delivered for the person from {platform}."),
+        ));
+    }
     fields
 }
 
@@ -267,6 +340,22 @@ pub(crate) fn escape_markdown(text: &str) -> String {
             }
         }
     }
+    out
+}
+
+/// Text for a one-line `TEXT` field: line breaks, tabs and other control
+/// characters become spaces, runs of spaces fold, and the text stops (with
+/// `…`) after `max` characters.
+pub(crate) fn one_line(text: &str, max: usize) -> String {
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let folded = words.join(" ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
+    out.truncate(out.trim_end().len());
+    out.push('…');
     out
 }
 
@@ -403,6 +492,15 @@ mod tests {
         assert!(fields[0].unique && fields[0].create_body("o")["isUnique"] == json!(true));
         let at = fields.iter().find(|f| f.name == "tLastContributionAt").unwrap();
         assert_eq!(at.create_body("o")["type"], "DATE_TIME");
+        let attention = fields.iter().find(|f| f.name == "tNeedsAttention").unwrap().create_body("o");
+        assert_eq!((attention["type"].as_str(), attention["defaultValue"].as_bool()), (Some("BOOLEAN"), Some(false)));
+        assert_eq!(&names[names.len() - 3..], ["tFirstSeenForum", "tLastSeenForum", "tContributionsForum"]);
+        assert_eq!(first_seen_field("t", "Stack Exchange"), "tFirstSeenStackExchange");
+        assert_eq!(last_seen_field("t", "forum"), "tLastSeenForum");
+        assert_eq!(contributions_field("t", "forum"), "tContributionsForum");
+        assert!(names.iter().all(|n| n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric())), "{names:?}");
+        assert_eq!(one_line(" a\n\nb\tc ", 10), "a b c");
+        assert_eq!(one_line("abcdef", 4), "abc…");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
-use tributary_sdk::{Author, Contribution, Crm};
+use tributary_sdk::{Author, Contribution, Crm, PlatformRollup};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate, matchers};
 
 use super::*;
@@ -26,6 +26,9 @@ struct State {
     /// (object metadata id, field name) created through the metadata API.
     fields: Vec<(String, String)>,
     next_id: u64,
+    /// An older server: every REST `DELETE` is a soft delete, whatever
+    /// `soft_delete` says.
+    soft_delete_only: bool,
 }
 
 fn refusal(status: u16, error: &str, message: &str) -> ResponseTemplate {
@@ -144,13 +147,43 @@ impl State {
                 }
                 None => refusal(404, "NotFoundException", "Record not found"),
             },
-            ("DELETE", ["rest", "notes", id]) => {
-                match self.notes.iter_mut().find(|n| n["id"] == *id && n["deletedAt"].is_null()) {
-                    Some(note) => {
-                        note["deletedAt"] = json!("2024-01-01T00:00:00.000Z");
-                        ResponseTemplate::new(200)
-                            .set_body_json(json!({ "data": { "deleteNote": { "id": id } }, "softDelete": true }))
-                    }
+            // As current servers do: a soft delete only with `soft_delete=true`,
+            // else the record is destroyed (a soft-deleted one too).
+            ("DELETE", ["rest", object @ ("notes" | "noteTargets"), id]) => {
+                let soft = self.soft_delete_only
+                    || request.url.query_pairs().any(|(name, value)| name == "soft_delete" && value == "true");
+                let singular = if *object == "notes" { "Note" } else { "NoteTarget" };
+                let Some(table) = self.table(object) else {
+                    return refusal(404, "NotFoundException", "Cannot find route");
+                };
+                let Some(index) = table.iter().position(|n| n["id"] == *id && (!soft || n["deletedAt"].is_null()))
+                else {
+                    return refusal(404, "NotFoundException", "Record not found");
+                };
+                if soft {
+                    table[index]["deletedAt"] = json!("2024-01-01T00:00:00.000Z");
+                    return ResponseTemplate::new(200).set_body_json(
+                        json!({ "data": { format!("delete{singular}"): { "id": id } }, "softDelete": true }),
+                    );
+                }
+                table.remove(index);
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({ "data": { format!("delete{singular}"): { "id": id } } }))
+            }
+            ("GET", ["rest", "noteTargets"]) => {
+                let filter = request.url.query_pairs().find(|(name, _)| name == "filter").map(|(_, v)| v.to_string());
+                let Some(note) = filter.as_deref().and_then(|f| f.strip_prefix("noteId[eq]:")) else {
+                    return refusal(400, "BadRequestException", "filter expected");
+                };
+                let note = note.trim_matches('"');
+                let targets: Vec<Value> =
+                    self.targets.iter().filter(|t| t["noteId"] == note && t["deletedAt"].is_null()).cloned().collect();
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({ "data": { "noteTargets": targets }, "totalCount": targets.len() }))
+            }
+            ("GET", ["rest", "people", id]) => {
+                match self.people.iter().find(|p| p["id"] == *id && p["deletedAt"].is_null()) {
+                    Some(person) => ResponseTemplate::new(200).set_body_json(json!({ "data": { "person": person } })),
                     None => refusal(404, "NotFoundException", "Record not found"),
                 }
             }
@@ -371,6 +404,9 @@ async fn first_sync_writes_people_notes_targets_and_rollups() {
                 "tributaryLastContributionAt": "2023-11-14T22:13:20.000Z", "tributaryLastPlatform": "discourse",
                 "tributaryContributionCount": count, "tributaryPlatforms": "discourse;github",
                 "tributarySentimentAvg": 0.125, "tributaryQuestions": 1, "tributaryPraise": 1,
+                // Figures without a value are written empty, so none lingers.
+                "tributaryLastUrl": null, "tributaryLastExcerpt": null, "tributaryContributions90d": 0,
+                "tributarySentiment90d": null, "tributaryNeedsAttention": false, "tributaryAttentionReason": null,
             })),
         );
     }
@@ -493,8 +529,13 @@ async fn setup_is_idempotent() {
     let platforms = ["discourse".to_owned(), "GitHub".to_owned()];
     let first = crm.setup(&platforms).await.unwrap();
     assert!(first.existing.is_empty(), "{first:?}");
-    assert_eq!(first.created.len(), 1 + 2 * 3 + 9 + 5, "{first:?}");
+    // Identity, per platform handle, id and profile, 15 rollups, per platform
+    // first and last seen and count, the note fields.
+    assert_eq!(first.created.len(), 1 + 2 * 3 + 15 + 2 * 3 + 5, "{first:?}");
     assert!(first.created.contains(&"person.tributaryHandleGithub".to_owned()));
+    for name in ["tributaryNeedsAttention", "tributaryFirstSeenGithub", "tributaryContributionsDiscourse"] {
+        assert!(first.created.contains(&format!("person.{name}")), "{name} not in {first:?}");
+    }
     assert!(first.created.contains(&"note.tributaryKey".to_owned()));
     let sent = requests(&server).await;
     check(&sent[0], "GET", "/rest/metadata/objects", None, None);
@@ -514,6 +555,24 @@ async fn setup_is_idempotent() {
         "/rest/metadata/fields",
         None,
         Some(json!({ "objectMetadataId": "obj-person", "type": "DATE_TIME" })),
+    );
+    let flag =
+        sent.iter().find(|r| r.body_json::<Value>().is_ok_and(|b| b["name"] == "tributaryNeedsAttention")).unwrap();
+    check(
+        flag,
+        "POST",
+        "/rest/metadata/fields",
+        None,
+        Some(json!({ "objectMetadataId": "obj-person", "type": "BOOLEAN", "defaultValue": false })),
+    );
+    let seen =
+        sent.iter().find(|r| r.body_json::<Value>().is_ok_and(|b| b["name"] == "tributaryLastSeenGithub")).unwrap();
+    check(
+        seen,
+        "POST",
+        "/rest/metadata/fields",
+        None,
+        Some(json!({ "type": "DATE_TIME", "label": "Last seen on GitHub" })),
     );
     let key = sent.iter().find(|r| r.body_json::<Value>().is_ok_and(|b| b["name"] == "tributaryKey")).unwrap();
     check(key, "POST", "/rest/metadata/fields", None, Some(json!({ "objectMetadataId": "obj-note", "type": "TEXT" })));
@@ -536,8 +595,8 @@ async fn archiving_soft_deletes_notes_and_a_missing_one_is_done() {
     assert_eq!(&outcomes[..3], [RecordOutcome::Done(()), RecordOutcome::Done(()), RecordOutcome::Done(())]);
     assert!(matches!(&outcomes[3], RecordOutcome::Rejected(_)), "{outcomes:?}");
     let sent = requests(&server).await;
-    check(&sent[3], "DELETE", &format!("/rest/notes/{}", notes[0]), None, None);
-    check(&sent[4], "DELETE", &format!("/rest/notes/{missing}"), None, None);
+    check(&sent[3], "DELETE", &format!("/rest/notes/{}", notes[0]), Some("soft_delete=true"), None);
+    check(&sent[4], "DELETE", &format!("/rest/notes/{missing}"), Some("soft_delete=true"), None);
     assert_eq!(sent.len(), 6, "no request for an id Twenty cannot have");
     assert!(!state.lock().unwrap().notes[0]["deletedAt"].is_null(), "soft-deleted, still there");
 }
@@ -642,5 +701,181 @@ fn answers_map_onto_inputs() {
     assert_eq!(
         records_in(&json!({ "data": { "objects": { "edges": [{ "node": { "id": "o" } }] } } })).unwrap(),
         [json!({ "id": "o" })]
+    );
+}
+
+#[tokio::test]
+async fn rollups_carry_every_figure_in_the_same_patch() {
+    let (server, state, crm, _dir) = fake_twenty().await;
+    let person = done(&crm.upsert_contacts(&[contact("discourse:7", None, "sam")]).await.unwrap()).remove(0);
+    let at = |seconds: i64| DateTime::<Utc>::from_timestamp(seconds, 0).unwrap();
+    let full = Rollup {
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("Is there a way?\n\nI looked\tin settings.".into()),
+        count_90d: 2,
+        sentiment_avg_90d: Some(-0.123456),
+        needs_attention: true,
+        attention_reason: Some("an unresolved complaint".into()),
+        per_platform: vec![PlatformRollup {
+            platform: "discourse".into(),
+            handle: Some("sam".into()),
+            profile_url: None,
+            first_seen: at(1_600_000_000),
+            last_seen: at(1_700_000_000),
+            contributions: 3,
+        }],
+        ..rollup(&person, 3)
+    };
+    done(&crm.update_rollups(&[full]).await.unwrap());
+    let sent = requests(&server).await;
+    assert_eq!(sent.len(), 2, "one PATCH for every figure");
+    check(
+        &sent[1],
+        "PATCH",
+        &format!("/rest/people/{person}"),
+        None,
+        Some(json!({
+            "tributaryContributionCount": 3, "tributaryLastUrl": "https://community.example.com/t/42",
+            "tributaryLastExcerpt": "Is there a way? I looked in settings.", "tributaryContributions90d": 2,
+            "tributarySentiment90d": -0.1235, "tributaryNeedsAttention": true,
+            "tributaryAttentionReason": "an unresolved complaint",
+            "tributaryFirstSeenDiscourse": "2020-09-13T12:26:40.000Z",
+            "tributaryLastSeenDiscourse": "2023-11-14T22:13:20.000Z", "tributaryContributionsDiscourse": 3,
+        })),
+    );
+    // The next rollup without those values empties them.
+    done(&crm.update_rollups(&[rollup(&person, 4)]).await.unwrap());
+    let state = state.lock().unwrap();
+    let stored = &state.people[0];
+    assert_eq!(stored["tributaryNeedsAttention"], false);
+    assert_eq!(stored["tributaryLastUrl"], Value::Null);
+    assert_eq!(stored["tributaryAttentionReason"], Value::Null);
+}
+
+#[tokio::test]
+async fn deleting_destroys_notes_and_their_targets_and_a_gone_one_is_done() {
+    let (server, state, crm, _dir) = fake_twenty().await;
+    let person = done(&crm.upsert_contacts(&[contact("discourse:7", None, "sam")]).await.unwrap()).remove(0);
+    let activities = [activity(contribution("1", "7"), &person), activity(contribution("2", "7"), &person)];
+    let notes = done(&crm.upsert_activities(&activities).await.unwrap());
+    // One archived (soft-deleted) before: deleting destroys it too.
+    done(&crm.archive_activities(&notes[1..]).await.unwrap());
+    let before = requests(&server).await.len();
+    let missing = "33333333-3333-4333-8333-333333333333".to_owned();
+    let outcomes = crm.delete_activities(&[notes[0].clone(), notes[1].clone(), missing.clone(), "nope".into()]).await;
+    let outcomes = outcomes.unwrap();
+    assert_eq!(&outcomes[..3], [RecordOutcome::Done(()), RecordOutcome::Done(()), RecordOutcome::Done(())]);
+    assert!(matches!(&outcomes[3], RecordOutcome::Rejected(m) if m.contains("nope")), "{outcomes:?}");
+    {
+        let state = state.lock().unwrap();
+        assert!(state.notes.is_empty(), "destroyed, not soft-deleted: {:?}", state.notes);
+        assert!(state.targets.is_empty(), "the links went first: {:?}", state.targets);
+    }
+    let sent = requests(&server).await;
+    let target = fields::note_target_id(&Uuid::parse_str(&notes[0]).unwrap(), &Uuid::parse_str(&person).unwrap());
+    let filter = format!("filter=noteId%5Beq%5D%3A%22{}%22&limit=60", notes[0]);
+    check(&sent[before], "GET", "/rest/noteTargets", Some(&filter), None);
+    check(&sent[before + 1], "DELETE", &format!("/rest/noteTargets/{target}"), Some("soft_delete=false"), None);
+    check(&sent[before + 2], "DELETE", &format!("/rest/notes/{}", notes[0]), Some("soft_delete=false"), None);
+    check(&sent[sent.len() - 1], "DELETE", &format!("/rest/notes/{missing}"), Some("soft_delete=false"), None);
+    // Again: all gone, all done.
+    let again = crm.delete_activities(&notes).await.unwrap();
+    assert_eq!(again, [RecordOutcome::Done(()), RecordOutcome::Done(())]);
+}
+
+#[tokio::test]
+async fn a_server_that_only_soft_deletes_is_not_taken_for_a_deletion() {
+    let (_server, state, crm, _dir) = fake_twenty().await;
+    let person = done(&crm.upsert_contacts(&[contact("discourse:7", None, "sam")]).await.unwrap()).remove(0);
+    let notes = done(&crm.upsert_activities(&[activity(contribution("1", "7"), &person)]).await.unwrap());
+    state.lock().unwrap().soft_delete_only = true;
+    let outcomes = crm.delete_activities(&notes).await.unwrap();
+    assert!(
+        matches!(&outcomes[0], RecordOutcome::Rejected(m) if m.contains("only soft-deleted") && m.contains("archive")),
+        "{outcomes:?}"
+    );
+    assert!(!state.lock().unwrap().notes[0]["deletedAt"].is_null());
+}
+
+#[tokio::test]
+async fn contact_properties_read_fields_paths_and_related_records() {
+    let (server, state, crm, _dir) = fake_twenty().await;
+    let id = "44444444-4444-4444-8444-444444444444";
+    state.lock().unwrap().people.push(json!({
+        "id": id, "deletedAt": null, "jobTitle": "CTO", "city": "",
+        "name": { "firstName": "Maya", "lastName": "Chen" },
+        "emails": { "primaryEmail": "maya@example.com", "additionalEmails": null },
+        "company": { "id": "c1", "name": "Acme" }, "lifecycleStage": "CUSTOMER",
+        "tributaryContributionCount": 3, "tributaryNeedsAttention": true, "tributaryLastUrl": null,
+        "tags": ["vip", "beta"],
+    }));
+    let names: Vec<String> = [
+        "jobTitle",
+        "city",
+        "name",
+        "name.firstName",
+        "emails.primaryEmail",
+        "company",
+        "company.name",
+        "LifecycleStage",
+        "tributaryContributionCount",
+        "tributaryNeedsAttention",
+        "tributaryLastUrl",
+        "noSuchField",
+        "tags",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let found = crm.contact_properties(id, &names).await.unwrap();
+    let expected = [
+        ("LifecycleStage", "CUSTOMER"),
+        ("company", "Acme"),
+        ("company.name", "Acme"),
+        ("emails.primaryEmail", "maya@example.com"),
+        ("jobTitle", "CTO"),
+        ("name", "Maya Chen"),
+        ("name.firstName", "Maya"),
+        ("tags", "vip; beta"),
+        ("tributaryContributionCount", "3"),
+        ("tributaryNeedsAttention", "true"),
+    ];
+    assert_eq!(
+        found,
+        expected.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<std::collections::BTreeMap<_, _>>()
+    );
+    let sent = requests(&server).await;
+    assert_eq!(sent.len(), 1, "one read");
+    check(&sent[0], "GET", &format!("/rest/people/{id}"), None, None);
+    let error = crm.contact_properties("55555555-5555-4555-8555-555555555555", &names).await.unwrap_err();
+    assert!(error.to_string().contains("no person"), "{error}");
+    assert!(matches!(crm.contact_properties("x", &names).await, Err(CrmError::Unsupported(_))));
+}
+
+#[tokio::test]
+async fn merging_is_done_in_twenty_and_seen_afterwards() {
+    let (server, state, crm, _dir) = fake_twenty().await;
+    let people = done(
+        &crm.upsert_contacts(&[contact("discourse:1", None, "maya"), contact("discourse:2", None, "maya2")])
+            .await
+            .unwrap(),
+    );
+    let error = crm.merge_contacts(&people[0], &people[1]).await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+    let message = error.to_string();
+    for part in ["no documented merge", "Merge records", "`tributary identity link`", people[0].as_str()] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    // Merged in Twenty: the merged person is (soft-)deleted.
+    state.lock().unwrap().people[1]["deletedAt"] = json!("2024-01-01T00:00:00.000Z");
+    crm.merge_contacts(&people[0], &people[1]).await.unwrap();
+    let error = crm.merge_contacts(&people[1], &people[0]).await.unwrap_err();
+    assert!(error.to_string().contains("has no person"), "{error}");
+    let sent = requests(&server).await.len();
+    crm.merge_contacts(&people[0], &people[0]).await.unwrap();
+    assert!(crm.merge_contacts(&people[0], "nope").await.is_err());
+    assert_eq!(requests(&server).await.len(), sent, "no request for one person or a bad id");
+    assert!(
+        requests(&server).await.iter().skip(1).all(|r| r.method.as_str() == "GET"),
+        "nothing but reads after the upsert"
     );
 }

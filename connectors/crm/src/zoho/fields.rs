@@ -29,6 +29,8 @@ pub(crate) enum FieldKind {
     Decimal(u32),
     /// `datetime`.
     DateTime,
+    /// `boolean` (a checkbox).
+    Boolean,
 }
 
 /// One custom field as `crm setup` creates it.
@@ -72,6 +74,7 @@ impl FieldSpec {
                 field["decimal_place"] = json!(places);
             }
             FieldKind::DateTime => field["data_type"] = json!("datetime"),
+            FieldKind::Boolean => field["data_type"] = json!("boolean"),
         }
         field
     }
@@ -107,14 +110,30 @@ pub(crate) fn profile_field(platform: &str) -> String {
     format!("Tributary_{}_Profile", platform_slug(platform))
 }
 
-/// The Contact fields: identity, per platform handle and profile, rollups.
+/// The Contact field holding when a person was first seen on `platform`.
+pub(crate) fn first_seen_field(platform: &str) -> String {
+    format!("Tributary_{}_First_Seen", platform_slug(platform))
+}
+
+/// The Contact field holding when a person was last seen on `platform`.
+pub(crate) fn last_seen_field(platform: &str) -> String {
+    format!("Tributary_{}_Last_Seen", platform_slug(platform))
+}
+
+/// The Contact field holding how many contributions a person made on `platform`.
+pub(crate) fn contributions_field(platform: &str) -> String {
+    format!("Tributary_{}_Contributions", platform_slug(platform))
+}
+
+/// The Contact fields: identity, per platform handle and profile, rollups,
+/// then per platform the rollup figures.
 pub(crate) fn contact_fields(platforms: &[String]) -> Vec<FieldSpec> {
     use FieldKind::*;
     let mut fields = vec![FieldSpec::new(IDENTITY, Unique(255))];
     let mut slugs: Vec<(String, &str)> = platforms.iter().map(|p| (platform_slug(p), p.as_str())).collect();
     slugs.sort();
     slugs.dedup_by(|a, b| a.0 == b.0);
-    for (_, platform) in slugs {
+    for (_, platform) in &slugs {
         fields.push(FieldSpec::new(&handle_field(platform), Text(255)));
         fields.push(FieldSpec::new(&profile_field(platform), Text(255)));
     }
@@ -128,7 +147,18 @@ pub(crate) fn contact_fields(platforms: &[String]) -> Vec<FieldSpec> {
         FieldSpec::new("Tributary_Complaints", Integer),
         FieldSpec::new("Tributary_Ideas", Integer),
         FieldSpec::new("Tributary_Praise", Integer),
+        FieldSpec::new("Tributary_Last_Url", Text(255)),
+        FieldSpec::new("Tributary_Last_Excerpt", Text(255)),
+        FieldSpec::new("Tributary_Contributions_90d", Integer),
+        FieldSpec::new("Tributary_Sentiment_90d", Decimal(3)),
+        FieldSpec::new("Tributary_Needs_Attention", Boolean),
+        FieldSpec::new("Tributary_Attention_Reason", Text(255)),
     ]);
+    for (_, platform) in &slugs {
+        fields.push(FieldSpec::new(&first_seen_field(platform), DateTime));
+        fields.push(FieldSpec::new(&last_seen_field(platform), DateTime));
+        fields.push(FieldSpec::new(&contributions_field(platform), Integer));
+    }
     fields
 }
 
@@ -138,6 +168,21 @@ pub(crate) fn cap(text: &str, max: usize) -> String {
         Some((cut, _)) => text[..cut].to_owned(),
         None => text.to_owned(),
     }
+}
+
+/// Text for a one-line `text` field: line breaks, tabs and other control
+/// characters become spaces, runs of spaces fold, and the text stops (with
+/// `…`) after `max` characters.
+pub(crate) fn one_line(text: &str, max: usize) -> String {
+    let folded =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect::<Vec<_>>();
+    let folded = folded.join(" ");
+    if folded.chars().count() <= max {
+        return folded;
+    }
+    let mut out = cap(&folded, max.saturating_sub(1)).trim_end().to_owned();
+    out.push('…');
+    out
 }
 
 /// A `datetime` field value: `2023-11-14T22:13:20+00:00` (Zoho's format).
@@ -169,6 +214,21 @@ pub(crate) fn rollup_fields(rollup: &Rollup) -> Map<String, Value> {
     fields.insert("Tributary_Complaints".into(), json!(count(rollup.complaints)));
     fields.insert("Tributary_Ideas".into(), json!(count(rollup.ideas)));
     fields.insert("Tributary_Praise".into(), json!(count(rollup.praise)));
+    // A link cut short would lead nowhere: one longer than the field is left empty.
+    let last_url = rollup.last_url.as_deref().and_then(web_link).filter(|url| url.chars().count() <= TEXT_MAX);
+    fields.insert("Tributary_Last_Url".into(), json!(last_url));
+    let excerpt = rollup.last_excerpt.as_deref().map(|text| one_line(text, TEXT_MAX)).filter(|t| !t.is_empty());
+    fields.insert("Tributary_Last_Excerpt".into(), json!(excerpt));
+    fields.insert("Tributary_Contributions_90d".into(), json!(count(rollup.count_90d)));
+    fields.insert("Tributary_Sentiment_90d".into(), json!(rollup.sentiment_avg_90d.and_then(sentiment)));
+    fields.insert("Tributary_Needs_Attention".into(), json!(rollup.needs_attention));
+    let reason = rollup.attention_reason.as_deref().map(|text| one_line(text, TEXT_MAX)).filter(|t| !t.is_empty());
+    fields.insert("Tributary_Attention_Reason".into(), json!(reason));
+    for platform in &rollup.per_platform {
+        fields.insert(first_seen_field(&platform.platform), json!(timestamp(platform.first_seen)));
+        fields.insert(last_seen_field(&platform.platform), json!(timestamp(platform.last_seen)));
+        fields.insert(contributions_field(&platform.platform), json!(count(platform.contributions)));
+    }
     fields
 }
 
@@ -245,5 +305,18 @@ mod tests {
         assert!(note_content("k", &long).chars().count() <= CONTENT_MAX);
         assert_eq!(note_title(&Contribution { title: None, ..Contribution::sample() }), "discourse post");
         assert_eq!(timestamp(Contribution::sample().created_at), "2023-11-14T22:13:20+00:00");
+        assert_eq!(one_line("a\r\n b\t\tc", 50), "a b c");
+        assert_eq!(one_line("abcdef", 4), "abc…");
+        assert_eq!(first_seen_field("Stack Exchange"), "Tributary_Stack_Exchange_First_Seen");
+        assert_eq!(contributions_field("github"), "Tributary_Github_Contributions");
+        let fields = contact_fields(&["github".into()]);
+        let attention = fields.iter().find(|f| f.api_name == "Tributary_Needs_Attention").unwrap();
+        assert_eq!(
+            attention.create_body(),
+            json!({ "field_label": "Tributary Needs Attention", "data_type": "boolean" })
+        );
+        // Per-platform figures come last; every label gives back its API name.
+        assert_eq!(fields.last().unwrap().api_name, "Tributary_Github_Contributions");
+        assert!(fields.iter().all(|f| f.label().replace(' ', "_") == f.api_name));
     }
 }

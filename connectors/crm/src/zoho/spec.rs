@@ -2,7 +2,8 @@
 //! cross-file `$ref`s rewritten to the local copies, and a validator of the
 //! subset the request bodies need (`$ref`, `type`, `nullable`, `enum`,
 //! `required`, `properties`, `additionalProperties`, `items`, `oneOf`,
-//! `anyOf`, `allOf`).
+//! `anyOf`, `allOf`) and of query strings (every parameter declared by the
+//! operation, the required ones present, values of the declared type).
 //!
 //! Zoho's request bodies reuse the record schemas of its answers, which mark
 //! server-set fields (`id`, `Created_Time`, ...) `required`: `required` is
@@ -90,6 +91,52 @@ impl Specs {
         };
         let mut problems = Vec::new();
         self.check(file, schema, body, "$", true, &mut problems);
+        problems
+    }
+
+    /// Checks a request's query string against its operation's `in: query`
+    /// parameters: none unknown, every required one present, each value of
+    /// its declared `type` (and `enum`).
+    pub fn validate_query(&self, method: &str, path: &str, query: &[(String, String)]) -> Vec<String> {
+        let Some((file, operation)) = self.operation(method, path) else {
+            return vec![format!("no operation {method} {path} in the spec")];
+        };
+        let mut declared: Vec<(String, bool, Value)> = Vec::new();
+        for parameter in operation["parameters"].as_array().into_iter().flatten() {
+            let Some((_, parameter)) = self.concrete(file, parameter) else { continue };
+            if parameter["in"] != "query" {
+                continue;
+            }
+            let Some(name) = parameter["name"].as_str() else { continue };
+            let required = parameter["required"] == Value::Bool(true);
+            declared.push((name.to_owned(), required, parameter["schema"].clone()));
+        }
+        let mut problems = Vec::new();
+        for (name, required, _) in &declared {
+            if *required && !query.iter().any(|(given, _)| given == name) {
+                problems.push(format!("{method} {path}: the query parameter `{name}` is required"));
+            }
+        }
+        for (name, value) in query {
+            let Some((_, _, schema)) = declared.iter().find(|(declared, _, _)| declared == name) else {
+                problems.push(format!("{method} {path}: unknown query parameter `{name}`"));
+                continue;
+            };
+            let fits = match schema["type"].as_str() {
+                Some("integer") => value.parse::<i64>().is_ok(),
+                Some("number") => value.parse::<f64>().is_ok(),
+                Some("boolean") => matches!(value.as_str(), "true" | "false"),
+                _ => true,
+            };
+            if !fits {
+                problems.push(format!("{method} {path}: `{name}={value}` is not a {}", schema["type"]));
+            }
+            if let Some(allowed) = schema["enum"].as_array()
+                && !allowed.contains(&Value::String(value.clone()))
+            {
+                problems.push(format!("{method} {path}: `{name}={value}` is not one of {allowed:?}"));
+            }
+        }
         problems
     }
 
@@ -210,5 +257,28 @@ mod tests {
             json!({ "fields": [{ "label": "X" }] }),
             &["unknown property `label`"],
         );
+    }
+
+    #[test]
+    fn zoho_spec_validator_checks_query_strings() {
+        let specs = Specs::load();
+        let query = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        };
+        let valid = |method: &str, path: &str, pairs: &[(&str, &str)]| {
+            let problems = specs.validate_query(method, path, &query(pairs));
+            assert!(problems.is_empty(), "{method} {path}: {problems:?}");
+        };
+        valid("DELETE", "/crm/v8/Notes", &[("ids", "1,2")]);
+        valid("GET", "/crm/v8/Contacts/123", &[("fields", "Email,Lead_Source")]);
+        valid("GET", "/crm/v8/Contacts", &[("fields", "Last_Name"), ("per_page", "1")]);
+        valid("POST", "/crm/v8/settings/fields", &[("module", "Contacts")]);
+        let problems = |method: &str, path: &str, pairs: &[(&str, &str)]| {
+            specs.validate_query(method, path, &query(pairs)).join("\n")
+        };
+        assert!(problems("DELETE", "/crm/v8/Notes", &[]).contains("`ids` is required"));
+        assert!(problems("DELETE", "/crm/v8/Notes", &[("ids", "1"), ("permanent", "true")]).contains("unknown query"));
+        assert!(problems("GET", "/crm/v8/Contacts", &[("per_page", "many")]).contains("is not a"));
+        assert!(problems("GET", "/crm/v8/Nowhere/at/all/x", &[]).contains("no operation"));
     }
 }

@@ -13,7 +13,7 @@ use chrono::DateTime;
 use serde_json::{Value, json};
 use tributary_sdk::{
     ActivityUpsert, ContactLookup, ContactUpsert, Contribution, Crm, CrmError, HttpOptions, MemoryTokenStore,
-    RecordOutcome, Rollup, SecretRef,
+    PlatformRollup, RecordOutcome, Rollup, SecretRef,
 };
 use wiremock::{
     Mock, MockServer, Request, ResponseTemplate,
@@ -101,6 +101,12 @@ impl Zoho {
         for request in received.iter().filter(|r| r.url.path() != "/oauth/v2/token") {
             let auth = request.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
             assert!(auth.starts_with("Zoho-oauthtoken access-"), "{} sent `{auth}`", request.url);
+            // A contact's notes are a related list (`related_list.json`, not in the copy).
+            if !is_notes_of_a_contact(request.url.path()) {
+                let query: Vec<(String, String)> = request.url.query_pairs().into_owned().collect();
+                let problems = specs.validate_query(request.method.as_str(), request.url.path(), &query);
+                assert!(problems.is_empty(), "{}: {problems:?}", request.url);
+            }
             if request.body.is_empty() {
                 continue;
             }
@@ -237,8 +243,17 @@ async fn mount_notes(server: &MockServer, state: Arc<Notes>, first_post_delay: O
         .await;
 }
 
+const NOTES_OF_A_CONTACT: &str = r"^/crm/v8/Contacts/[0-9]+/Notes$";
+
 fn path_regex_notes() -> wiremock::matchers::PathRegexMatcher {
-    wiremock::matchers::path_regex(r"^/crm/v8/Contacts/[0-9]+/Notes$")
+    wiremock::matchers::path_regex(NOTES_OF_A_CONTACT)
+}
+
+/// `/crm/v8/Contacts/{digits}/Notes`, as [`NOTES_OF_A_CONTACT`] matches.
+fn is_notes_of_a_contact(path: &str) -> bool {
+    path.strip_prefix("/crm/v8/Contacts/")
+        .and_then(|rest| rest.strip_suffix("/Notes"))
+        .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// Answers an upsert or update with `ok` for each record (the id from the
@@ -322,6 +337,13 @@ async fn zoho_first_sync_writes_contacts_notes_and_rollups() {
     let rollups = requests.iter().find(|(m, p, _)| m == "PUT" && p == "/crm/v8/Contacts").unwrap();
     assert_eq!(rollups.2["data"][0]["Tributary_Last_Contribution"], "2023-11-14T22:13:20+00:00");
     assert_eq!(rollups.2["data"][0]["Tributary_Platforms"], "discourse;github");
+    // Figures without a value are written empty, so none lingers.
+    for field in
+        ["Tributary_Last_Url", "Tributary_Last_Excerpt", "Tributary_Sentiment_90d", "Tributary_Attention_Reason"]
+    {
+        assert_eq!(rollups.2["data"][0][field], Value::Null, "{field}");
+    }
+    assert_eq!(rollups.2["data"][0]["Tributary_Needs_Attention"], false);
     assert_eq!(zoho.issued.load(Ordering::SeqCst), 1, "one token for the whole sync");
     let token_request = &zoho.server.received_requests().await.unwrap()[0];
     let form = String::from_utf8_lossy(&token_request.body);
@@ -569,12 +591,29 @@ async fn zoho_setup_creates_missing_fields_once() {
     let platforms = ["discourse".to_owned(), "github".to_owned()];
     let first = zoho.crm.setup(&platforms).await.unwrap();
     assert_eq!(first.existing, ["Contacts.Tributary_Identity"]);
-    assert_eq!(first.created.len(), 13, "{:?}", first.created);
-    assert!(first.created.contains(&"Contacts.Tributary_Github_Handle".to_owned()));
+    // Per platform handle and profile, 15 rollup figures, per platform first and last seen and count.
+    assert_eq!(first.created.len(), 4 + 15 + 6, "{:?}", first.created);
+    for name in ["Tributary_Github_Handle", "Tributary_Needs_Attention", "Tributary_Discourse_First_Seen"] {
+        assert!(first.created.contains(&format!("Contacts.{name}")), "{name} not in {:?}", first.created);
+    }
     let second = zoho.crm.setup(&platforms).await.unwrap();
     assert!(second.created.is_empty(), "{second:?}");
-    assert_eq!(second.existing.len(), 14);
-    assert_eq!(created.lock().unwrap().len(), 13, "nothing created twice");
+    assert_eq!(second.existing.len(), 26);
+    assert_eq!(created.lock().unwrap().len(), 25, "nothing created twice");
+    let requests = zoho.requests().await;
+    let definition = |name: &str| {
+        requests
+            .iter()
+            .find(|(m, _, body)| m == "POST" && body["fields"][0]["field_label"] == name)
+            .map(|(_, _, body)| body["fields"][0].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        definition("Tributary Needs Attention"),
+        json!({ "field_label": "Tributary Needs Attention", "data_type": "boolean" })
+    );
+    assert_eq!(definition("Tributary Github Last Seen")["data_type"], "datetime");
+    assert_eq!(definition("Tributary Discourse Contributions")["data_type"], "integer");
     zoho.assert_valid().await;
 }
 
@@ -634,4 +673,190 @@ fn zoho_config_errors_name_the_key() {
     let mut unknown = table;
     unknown["scope"] = json!("ZohoCRM.modules.ALL");
     assert!(serde_json::from_value::<ZohoConfig>(unknown).is_err());
+}
+
+#[tokio::test]
+async fn zoho_rollups_carry_every_figure_in_the_same_update() {
+    let zoho = zoho().await;
+    Mock::given(method("PUT")).and(path("/crm/v8/Contacts")).respond_with(echo(|_| None)).mount(&zoho.server).await;
+    let at = |seconds: i64| DateTime::from_timestamp(seconds, 0).unwrap();
+    let full = Rollup {
+        last_url: Some("https://community.example.com/t/42".into()),
+        last_excerpt: Some("Is there a way?\nI looked in settings.".into()),
+        count_90d: 2,
+        sentiment_avg_90d: Some(-0.12345),
+        needs_attention: true,
+        attention_reason: Some("unresolved complaint".into()),
+        per_platform: vec![PlatformRollup {
+            platform: "discourse".into(),
+            handle: Some("mayac".into()),
+            profile_url: None,
+            first_seen: at(1_600_000_000),
+            last_seen: at(1_700_000_000),
+            contributions: 3,
+        }],
+        ..rollup("500")
+    };
+    let long = Rollup {
+        last_url: Some(format!("https://community.example.com/{}", "x".repeat(300))),
+        last_excerpt: Some(format!("{}\n", "y".repeat(300))),
+        ..rollup("700")
+    };
+    check(&zoho.crm.update_rollups(&[full, long]).await.unwrap(), &[Ok("()"), Ok("()")]);
+    let requests = zoho.requests().await;
+    let puts: Vec<&Value> = requests.iter().filter(|(m, _, _)| m == "PUT").map(|r| &r.2).collect();
+    assert_eq!(puts.len(), 1, "every figure of every contact in one call");
+    let record = &puts[0]["data"][0];
+    for (field, value) in [
+        ("id", json!("500")),
+        ("Tributary_Contribution_Count", json!(3)),
+        ("Tributary_Last_Url", json!("https://community.example.com/t/42")),
+        ("Tributary_Last_Excerpt", json!("Is there a way? I looked in settings.")),
+        ("Tributary_Contributions_90d", json!(2)),
+        ("Tributary_Sentiment_90d", json!(-0.123)),
+        ("Tributary_Needs_Attention", json!(true)),
+        ("Tributary_Attention_Reason", json!("unresolved complaint")),
+        ("Tributary_Discourse_First_Seen", json!("2020-09-13T12:26:40+00:00")),
+        ("Tributary_Discourse_Last_Seen", json!("2023-11-14T22:13:20+00:00")),
+        ("Tributary_Discourse_Contributions", json!(3)),
+    ] {
+        assert_eq!(record[field], value, "{field}");
+    }
+    let long = &puts[0]["data"][1];
+    assert_eq!(long["Tributary_Last_Url"], Value::Null, "a link cut short would lead nowhere");
+    let excerpt = long["Tributary_Last_Excerpt"].as_str().unwrap();
+    assert!(excerpt.chars().count() == 255 && excerpt.ends_with('…'), "{excerpt}");
+    zoho.assert_valid().await;
+}
+
+#[tokio::test]
+async fn zoho_delete_removes_notes_and_gone_counts_as_done() {
+    let zoho = zoho().await;
+    Mock::given(method("DELETE"))
+        .and(path("/crm/v8/Notes"))
+        .and(query_param("ids", "21,22"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "data": [
+            { "code": "SUCCESS", "status": "success", "message": "record deleted", "details": { "id": "21" } },
+            refused("INVALID_DATA", "the id given seems to be invalid", json!({ "id": "22" })),
+        ]})))
+        .mount(&zoho.server)
+        .await;
+    let outcomes = zoho.crm.delete_activities(&["21".into(), " 22 ".into(), "n1".into()]).await.unwrap();
+    check(&outcomes, &[Ok("()"), Ok("()"), Err("not a Zoho note id")]);
+    let requests = zoho.requests().await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!((requests[0].0.as_str(), requests[0].1.as_str()), ("DELETE", "/crm/v8/Notes"));
+    zoho.assert_valid().await;
+}
+
+/// `GET /crm/v8/Contacts/{id}`: `500` and `600` exist, the others do not
+/// (204); a field name outside `known` is refused as Zoho does.
+async fn mount_contacts(server: &MockServer) {
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(r"^/crm/v8/Contacts/[0-9]+$"))
+        .respond_with(|request: &Request| {
+            let id = request.url.path().rsplit('/').next().unwrap_or_default().to_owned();
+            let fields = request.url.query_pairs().find(|(k, _)| k == "fields").map(|(_, v)| v.into_owned());
+            let fields = fields.unwrap_or_default();
+            if id != "500" && id != "600" {
+                return ResponseTemplate::new(204);
+            }
+            let record = json!({
+                "id": id, "Last_Name": "Chen", "Email": null, "Lead_Source": "Web",
+                "Account_Name": { "name": "Acme", "id": "4000" }, "Interests": ["Rust", "CRM"],
+                "Tributary_Contribution_Count": 3, "Tributary_Needs_Attention": true, "Description": "",
+            });
+            let mut answer = serde_json::Map::new();
+            for name in fields.split(',') {
+                // Answered under the field's own API name.
+                let found = record.as_object().and_then(|r| r.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)));
+                match found {
+                    Some((canonical, value)) => {
+                        answer.insert(canonical.clone(), value.clone());
+                    }
+                    None => {
+                        return ResponseTemplate::new(400).set_body_json(refused(
+                            "INVALID_DATA",
+                            "invalid data",
+                            json!({ "api_name": name }),
+                        ));
+                    }
+                }
+            }
+            answer.insert("id".into(), json!(id));
+            ResponseTemplate::new(200).set_body_json(json!({ "data": [answer] }))
+        })
+        .mount(server)
+        .await;
+}
+
+#[tokio::test]
+async fn zoho_contact_properties_are_read_and_unknown_names_left_out() {
+    let zoho = zoho().await;
+    mount_contacts(&zoho.server).await;
+    let names: Vec<String> = [
+        "Lead_Source",
+        "account_name",
+        "Interests",
+        "Email",
+        "Description",
+        "No_Such",
+        "Tributary_Contribution_Count",
+        "Tributary_Needs_Attention",
+        "Account.Name",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let found = zoho.crm.contact_properties("500", &names).await.unwrap();
+    assert_eq!(
+        found,
+        std::collections::BTreeMap::from([
+            ("Interests".to_owned(), "Rust; CRM".to_owned()),
+            ("Lead_Source".to_owned(), "Web".to_owned()),
+            ("Tributary_Contribution_Count".to_owned(), "3".to_owned()),
+            ("Tributary_Needs_Attention".to_owned(), "true".to_owned()),
+            ("account_name".to_owned(), "Acme".to_owned()),
+        ])
+    );
+    let received = zoho.server.received_requests().await.unwrap();
+    let reads: Vec<String> = received
+        .iter()
+        .filter(|r| r.url.path() == "/crm/v8/Contacts/500")
+        .map(|r| r.url.query_pairs().find(|(k, _)| k == "fields").unwrap().1.into_owned())
+        .collect();
+    assert_eq!(reads.len(), 2, "asked again without the unknown name: {reads:?}");
+    assert!(reads[0].contains("No_Such") && !reads[1].contains("No_Such"), "{reads:?}");
+    let error = zoho.crm.contact_properties("999", &names).await.unwrap_err();
+    assert!(error.to_string().contains("no contact 999"), "{error}");
+    assert!(zoho.crm.contact_properties("500", &["a b".into()]).await.unwrap().is_empty());
+    assert!(matches!(zoho.crm.contact_properties("x", &names).await, Err(CrmError::Unsupported(_))));
+    zoho.assert_valid().await;
+}
+
+#[tokio::test]
+async fn zoho_merge_is_made_in_zoho_crm_and_seen_afterwards() {
+    // The v8 files have no merge operation for Contacts: nothing is asked of one.
+    let specs = Specs::load();
+    for method in ["POST", "PUT"] {
+        let problems = specs.validate_request(method, "/crm/v8/Contacts/500/actions/merge", &json!({}));
+        assert!(problems.iter().any(|p| p.contains("no operation")), "{problems:?}");
+    }
+    let zoho = zoho().await;
+    mount_contacts(&zoho.server).await;
+    let error = zoho.crm.merge_contacts("500", "600").await.unwrap_err();
+    assert!(matches!(error, CrmError::Unsupported(_)), "{error:?}");
+    let message = error.to_string();
+    for part in ["no merge of contacts", "Find and Merge", "keeping 500 as the master", "`tributary identity link`"] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    // Merged in Zoho CRM: the merged contact is gone, the survivor is there.
+    zoho.crm.merge_contacts("500", "700").await.unwrap();
+    let error = zoho.crm.merge_contacts("999", "500").await.unwrap_err();
+    assert!(error.to_string().contains("no contact 999"), "{error}");
+    let sent = zoho.requests().await.len();
+    zoho.crm.merge_contacts("500", "500").await.unwrap();
+    assert!(zoho.crm.merge_contacts("500", "abc").await.is_err());
+    assert_eq!(zoho.requests().await.len(), sent, "no request for one contact or a bad id");
+    assert!(zoho.requests().await.iter().all(|(m, _, _)| m == "GET"), "only reads");
+    zoho.assert_valid().await;
 }
