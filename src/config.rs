@@ -958,7 +958,10 @@ impl<'a> Reader<'a> {
                 });
                 (format!("alerts.{rule}.{key}"), span.unwrap_or(0..0))
             }
-            _ => ("crm.contact_url".to_owned(), table_at(index, "crm").and_then(|t| key_span(t, "contact_url")).unwrap_or(0..0)),
+            _ => (
+                "crm.contact_url".to_owned(),
+                table_at(index, "crm").and_then(|t| key_span(t, "contact_url")).unwrap_or(0..0),
+            ),
         };
         let (line, column) = line_column(self.text, span.start);
         self.problems.push(Problem {

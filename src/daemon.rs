@@ -604,7 +604,8 @@ async fn dead_letters(config: &Config, command: DeadLetters) -> anyhow::Result<(
 
 /// Applies a links file: one pair per line, `#` comments; names the line of a bad one.
 pub async fn apply_links_file(store: &dyn StateStore, crm: &dyn Crm, path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the links file {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read the links file {}", path.display()))?;
     let mut done = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -644,7 +645,14 @@ async fn identity_command(config: &Config, command: IdentityCommand) -> anyhow::
                 )
             };
             for review in reviews {
-                println!("{}\t{}\t{}\t{}\t{}", review.id, review.status, side(&review.a), side(&review.b), review.evidence);
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    review.id,
+                    review.status,
+                    side(&review.a),
+                    side(&review.b),
+                    review.evidence
+                );
             }
         }
         IdentityCommand::Approve { id } => {

@@ -567,7 +567,12 @@ mod tests {
     }
 
     /// The rollup the file CRM holds for the only contact.
-    async fn rollup_after(store: &Arc<SqliteStore>, worker: &Worker, crm_path: &std::path::Path, items: Vec<Contribution>) -> Rollup {
+    async fn rollup_after(
+        store: &Arc<SqliteStore>,
+        worker: &Worker,
+        crm_path: &std::path::Path,
+        items: Vec<Contribution>,
+    ) -> Rollup {
         let items = items.into_iter().map(|c| crate::pipeline::normalize("s", c)).collect();
         store.commit_page("s", items, vec![], None).await.unwrap();
         worker.drain(&CancellationToken::new()).await.unwrap();

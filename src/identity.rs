@@ -58,7 +58,10 @@ pub fn handle_alias(platform: &str, handle: &str) -> String {
 
 /// An identity known to the state store only: an administrator's link, an
 /// approved pair or the same e-mail seen on another platform.
-async fn linked_locally(store: &dyn StateStore, c: &Contribution) -> Result<Option<(String, &'static str)>, StateError> {
+async fn linked_locally(
+    store: &dyn StateStore,
+    c: &Contribution,
+) -> Result<Option<(String, &'static str)>, StateError> {
     let identity = c.identity_key();
     let mut aliases = vec![handle_alias(&c.platform, &c.author.id)];
     if let Some(handle) = &c.author.handle {
@@ -222,9 +225,8 @@ pub async fn resolve(
     }
 
     // Weak evidence about the newly linked goes to the review queue.
-    newly_linked.extend(unresolved_keys.into_iter().filter(|key| {
-        matches!(by_identity.get(key), Some(Resolution::Contact(_)))
-    }));
+    newly_linked
+        .extend(unresolved_keys.into_iter().filter(|key| matches!(by_identity.get(key), Some(Resolution::Contact(_)))));
     for identity in &newly_linked {
         let queued = store.suggest_reviews(identity).await?;
         if queued > 0 {
@@ -395,10 +397,8 @@ pub async fn recheck_handles(store: &dyn StateStore, crm: &dyn Crm) -> Result<(u
             Some(current) if current != contact => {
                 // The CRM's own field against an earlier resolution: a person decides.
                 if let Some(partner) = store.profiles_of_contact(&contact).await?.first() {
-                    let evidence = format!(
-                        "the CRM's {} handle field of contact {contact} says \"{handle}\"",
-                        profile.platform
-                    );
+                    let evidence =
+                        format!("the CRM's {} handle field of contact {contact} says \"{handle}\"", profile.platform);
                     if store.queue_review(&partner.identity, &profile.identity, &evidence).await? {
                         queued += 1;
                     }
@@ -553,12 +553,18 @@ mod tests {
             profile_url: None,
         };
         let ids = crm.upsert_contacts(&[typed("crm:1", "bo"), typed("crm:2", "cy")]).await.unwrap();
-        let [RecordOutcome::Done(bo_contact), RecordOutcome::Done(cy_contact)] = ids.as_slice() else { panic!("{ids:?}") };
+        let [RecordOutcome::Done(bo_contact), RecordOutcome::Done(cy_contact)] = ids.as_slice() else {
+            panic!("{ids:?}")
+        };
         store.link_identity("other:cy", cy_contact, "email").await.unwrap();
         store.commit_page("s", vec![recent(by("other", "cy", "cy-elsewhere", None))], vec![], None).await.unwrap();
 
         assert_eq!(recheck_handles(&store, &crm).await.unwrap(), (1, 1));
-        assert_eq!(store.identity("forum:f2").await.unwrap().as_deref(), Some(bo_contact.as_str()), "never linked: linked");
+        assert_eq!(
+            store.identity("forum:f2").await.unwrap().as_deref(),
+            Some(bo_contact.as_str()),
+            "never linked: linked"
+        );
         assert_eq!(store.identity("forum:f3").await.unwrap().as_deref(), Some("77"), "linked elsewhere: not moved");
         let pending = store.reviews(Some("pending")).await.unwrap();
         assert_eq!(pending.len(), 1);

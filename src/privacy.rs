@@ -125,15 +125,16 @@ pub async fn forget(
     {
         tracing::warn!(error = %error, "clearing the forgotten person's figures failed");
     }
-    tracing::info!(identities = identities.len(), contacts = contacts.len(), activities = removed.len(), "person forgotten");
+    tracing::info!(
+        identities = identities.len(),
+        contacts = contacts.len(),
+        activities = removed.len(),
+        "person forgotten"
+    );
     Ok(Forgotten { identities, contacts, crm_activities: removed.len(), erased })
 }
 
-async fn remove_in_crm(
-    crm: &dyn Crm,
-    ids: &[String],
-    mode: ForgetActivities,
-) -> Result<Vec<String>, ForgetError> {
+async fn remove_in_crm(crm: &dyn Crm, ids: &[String], mode: ForgetActivities) -> Result<Vec<String>, ForgetError> {
     let mut removed = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(100) {
         let outcomes = match mode {

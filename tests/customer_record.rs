@@ -60,7 +60,7 @@ fn activities_by_contact(crm: &Value) -> BTreeMap<String, Vec<Value>> {
 }
 
 /// The contact whose identity or e-mail is `who`.
-fn contact_of<'a>(crm: &'a Value, who: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+fn contact_of(crm: &Value, who: impl Fn(&Value) -> bool) -> Vec<&Value> {
     contacts(crm).values().filter(|c| who(c)).collect()
 }
 
@@ -120,8 +120,7 @@ fn one_person_across_communities_is_one_contact_and_lookalikes_wait_for_review()
     let maya = contact_of(&record, |c| c["email"] == "maya.chen@example.com");
     assert_eq!(maya.len(), 1);
     let maya_id = maya[0]["id"].as_str().expect("id");
-    let platforms: BTreeSet<&str> =
-        by_contact[maya_id].iter().map(|a| a["platform"].as_str().unwrap_or("")).collect();
+    let platforms: BTreeSet<&str> = by_contact[maya_id].iter().map(|a| a["platform"].as_str().unwrap_or("")).collect();
     assert_eq!(platforms, BTreeSet::from(["demo-forum", "demo-support"]));
     // Every contact's rollup is what its activities say.
     for contact in contacts(&record).values() {
@@ -160,8 +159,7 @@ fn one_person_across_communities_is_one_contact_and_lookalikes_wait_for_review()
     let priya = contact_of(&record, |c| c["name"] == "Priya Natarajan");
     assert_eq!(priya.len(), 1, "one contact left");
     let priya_id = priya[0]["id"].as_str().expect("id");
-    let platforms: BTreeSet<&str> =
-        by_contact[priya_id].iter().map(|a| a["platform"].as_str().unwrap_or("")).collect();
+    let platforms: BTreeSet<&str> = by_contact[priya_id].iter().map(|a| a["platform"].as_str().unwrap_or("")).collect();
     assert_eq!(platforms, BTreeSet::from(["demo-social", "demo-support"]));
     assert_eq!(by_contact.values().map(Vec::len).sum::<usize>(), activities_before, "no activity duplicated");
     check_rollup(priya[0], &by_contact[priya_id]);
@@ -194,7 +192,8 @@ fn an_administrator_links_a_handle_to_a_contact_before_it_is_seen() {
     let record = crm(&setup);
     let maya = contact_of(&record, |c| c["email"] == "maya.chen@example.com")[0]["id"].as_str().expect("id").to_owned();
     // A links file: rustacean_42 is Maya (said so by the company); a bad line names its line.
-    std::fs::write(setup.path("links.txt"), format!("# who is who\ndemo-social:@rustacean_42   file:{maya}\n")).unwrap();
+    std::fs::write(setup.path("links.txt"), format!("# who is who\ndemo-social:@rustacean_42   file:{maya}\n"))
+        .unwrap();
     let out = setup.run(&["identity", "link", "--file", setup.path("links.txt").to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     std::fs::write(setup.path("bad.txt"), "\n\nreddit:alice\n").unwrap();
@@ -208,10 +207,8 @@ fn an_administrator_links_a_handle_to_a_contact_before_it_is_seen() {
     let with_handle = contact_of(&record, |c| c["handles"]["demo-social"] == "rustacean_42");
     assert_eq!(with_handle.len(), 1);
     assert_eq!(with_handle[0]["id"], maya.as_str(), "rustacean_42 is Maya's contact");
-    let platforms: BTreeSet<String> = activities_by_contact(&record)[&maya]
-        .iter()
-        .map(|a| a["platform"].as_str().unwrap_or("").to_owned())
-        .collect();
+    let platforms: BTreeSet<String> =
+        activities_by_contact(&record)[&maya].iter().map(|a| a["platform"].as_str().unwrap_or("").to_owned()).collect();
     assert!(platforms.contains("demo-social"), "rustacean_42's contributions land on Maya's contact: {platforms:?}");
     check_rollup(with_handle[0], &activities_by_contact(&record)[&maya]);
 }
@@ -283,7 +280,11 @@ fn a_forgotten_person_leaves_no_trace_and_is_not_brought_back() {
 
     let out = setup.run(&["forget", "Maya.Chen@example.com"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("forgot 2 identit"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("forgot 2 identit"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let check_no_trace = |when: &str| {
         for (table, value) in every_value(&setup.path("state.db")) {
             if let Some(needle) = betrays(&value) {
@@ -303,10 +304,7 @@ fn a_forgotten_person_leaves_no_trace_and_is_not_brought_back() {
     check_no_trace("after polling again");
     let record = crm(&setup);
     assert!(!activities_by_contact(&record).contains_key(&maya), "nothing new on her contact");
-    assert!(
-        contact_of(&record, |c| c["email"] == "maya.chen@example.com").len() <= 1,
-        "no second contact for her"
-    );
+    assert!(contact_of(&record, |c| c["email"] == "maya.chen@example.com").len() <= 1, "no second contact for her");
 }
 
 /// Each alert the mock webhook received: (post address, intent, platform).

@@ -191,9 +191,14 @@ pub struct PendingAlert {
 pub enum AlertOutcome {
     Sent,
     /// Try again no sooner than `at`.
-    Retry { error: String, at: DateTime<Utc> },
+    Retry {
+        error: String,
+        at: DateTime<Utc>,
+    },
     /// Given up: the destination refused it for good.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// The token store of OAuth2 connectors is the state store: tokens outlive a restart.

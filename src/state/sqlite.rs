@@ -16,8 +16,8 @@ use tributary_sdk::{
 };
 
 use super::{
-    AlertOutcome, Claimed, CommitStats, DeadLetter, Delivery, Erased, Finished, PendingAlert, Profile, Review, SourceState,
-    StateError, StateStore, Totals,
+    AlertOutcome, Claimed, CommitStats, DeadLetter, Delivery, Erased, Finished, PendingAlert, Profile, Review,
+    SourceState, StateError, StateStore, Totals,
 };
 
 /// Versioned schema: each entry runs once, in order, in a transaction.
@@ -476,10 +476,7 @@ fn profile_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Profile> {
         first_seen: from_ms(r.get(7)?),
         last_seen: from_ms(r.get(8)?),
         contact_id: r.get(9)?,
-        links: r
-            .get::<_, Option<String>>(10)?
-            .and_then(|links| serde_json::from_str(&links).ok())
-            .unwrap_or_default(),
+        links: r.get::<_, Option<String>>(10)?.and_then(|links| serde_json::from_str(&links).ok()).unwrap_or_default(),
     })
 }
 
@@ -593,7 +590,8 @@ fn compute_rollup(contact_id: String, rows: &[ActivityRow], now: DateTime<Utc>) 
     let complaint_cutoff = now - chrono::Duration::days(UNRESOLVED_COMPLAINT_DAYS);
     let last_complaint = rows.iter().rposition(|r| r.intent.as_deref() == Some("complaint"));
     let unresolved = last_complaint.filter(|at| {
-        rows[*at].created_at >= complaint_cutoff && !rows[at + 1..].iter().any(|r| r.intent.as_deref() == Some("praise"))
+        rows[*at].created_at >= complaint_cutoff
+            && !rows[at + 1..].iter().any(|r| r.intent.as_deref() == Some("praise"))
     });
     let this_week = mean(recent.iter().filter(|r| r.created_at >= week).filter_map(|r| r.sentiment));
     let this_week_n = recent.iter().filter(|r| r.created_at >= week && r.sentiment.is_some()).count();
@@ -601,11 +599,8 @@ fn compute_rollup(contact_id: String, rows: &[ActivityRow], now: DateTime<Utc>) 
     let before_n = recent.iter().filter(|r| r.created_at < week && r.sentiment.is_some()).count();
     if let Some(at) = unresolved {
         rollup.needs_attention = true;
-        rollup.attention_reason = Some(format!(
-            "unresolved complaint on {} ({})",
-            rows[at].platform,
-            rows[at].created_at.format("%Y-%m-%d")
-        ));
+        rollup.attention_reason =
+            Some(format!("unresolved complaint on {} ({})", rows[at].platform, rows[at].created_at.format("%Y-%m-%d")));
     } else if let (Some(now_avg), Some(before_avg)) = (this_week, before)
         && this_week_n >= 2
         && before_n >= 3
@@ -903,8 +898,7 @@ impl StateStore for SqliteStore {
     async fn pending_rollups(&self, limit: usize, now: DateTime<Utc>) -> Result<Vec<Rollup>, StateError> {
         self.with(move |conn| {
             let mut due = conn.prepare("SELECT contact_id FROM rollups_due ORDER BY contact_id LIMIT ?1")?;
-            let contacts: Vec<String> =
-                due.query_map([limit as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let contacts: Vec<String> = due.query_map([limit as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
             let mut activities = conn.prepare(
                 "SELECT a.platform, a.created_at, a.sentiment, a.intent, a.url, a.excerpt, p.handle, p.profile_url
                  FROM activities a LEFT JOIN profiles p ON p.identity = a.identity
@@ -1013,8 +1007,8 @@ impl StateStore for SqliteStore {
     async fn profiles_by_email(&self, email: &str) -> Result<Vec<Profile>, StateError> {
         let email = email.trim().to_lowercase();
         self.with(move |conn| {
-            let mut query =
-                conn.prepare(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.email = ?1 ORDER BY p.identity"))?;
+            let mut query = conn
+                .prepare(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.email = ?1 ORDER BY p.identity"))?;
             let found = query.query_map([email], profile_row)?.collect::<Result<_, _>>()?;
             Ok(found)
         })
@@ -1193,7 +1187,10 @@ impl StateStore for SqliteStore {
         self.with(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for table in ["identities", "activities", "outbox", "alerts"] {
-                tx.execute(&format!("UPDATE {table} SET contact_id = ?1 WHERE contact_id = ?2"), params![survivor, merged])?;
+                tx.execute(
+                    &format!("UPDATE {table} SET contact_id = ?1 WHERE contact_id = ?2"),
+                    params![survivor, merged],
+                )?;
             }
             tx.execute("DELETE FROM rollups_due WHERE contact_id = ?1", [&merged])?;
             tx.execute(
@@ -1509,7 +1506,9 @@ impl StateStore for SqliteStore {
                  WHERE status = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
             )?;
             let rows: Vec<(i64, String, String, String, u32)> = query
-                .query_map(params![now_ms(), limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .query_map(params![now_ms(), limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
                 .collect::<Result<_, _>>()?;
             rows.into_iter()
                 .map(|(id, rule, key, payload, attempts)| {
@@ -1918,11 +1917,20 @@ mod tests {
     #[test]
     fn rollups_count_the_last_90_days_and_flag_what_needs_attention() {
         // Old activity counts overall, not in the 90 days.
-        check_rollup(&[(200, "forum", "praise", Some(0.8)), (10, "forum", "question", Some(0.2))], (1, Some(0.2), None));
+        check_rollup(
+            &[(200, "forum", "praise", Some(0.8)), (10, "forum", "question", Some(0.2))],
+            (1, Some(0.2), None),
+        );
         // A recent complaint with no praise after it is unresolved...
-        check_rollup(&[(20, "forum", "praise", Some(0.6)), (3, "support", "complaint", Some(-0.6))], (2, Some(0.0), Some("unresolved")));
+        check_rollup(
+            &[(20, "forum", "praise", Some(0.6)), (3, "support", "complaint", Some(-0.6))],
+            (2, Some(0.0), Some("unresolved")),
+        );
         // ...resolved by later praise, and too old after 30 days.
-        check_rollup(&[(3, "support", "complaint", Some(-0.6)), (1, "support", "praise", Some(0.7))], (2, Some(0.05), None));
+        check_rollup(
+            &[(3, "support", "complaint", Some(-0.6)), (1, "support", "praise", Some(0.7))],
+            (2, Some(0.05), None),
+        );
         check_rollup(&[(45, "support", "complaint", Some(-0.6))], (1, Some(-0.6), None));
         // A sharp drop: the last week well below the weeks before it.
         check_rollup(

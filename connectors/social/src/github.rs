@@ -780,7 +780,6 @@ fn apply_profile(author: &mut Author, profile: &Profile) {
     }
 }
 
-
 /// A profile's `twitter_username` as `x:{name}` (without `@`); X names are
 /// letters, digits and `_`.
 fn x_account(name: &str) -> Option<String> {

@@ -763,7 +763,14 @@ impl StackExchangeSource {
                 links: Vec::new(),
             },
             // A deleted user: the item stays, attached to no contact.
-            _ => Author { id: String::new(), handle: None, display_name: name, email: None, profile_url: None, links: Vec::new() },
+            _ => Author {
+                id: String::new(),
+                handle: None,
+                display_name: name,
+                email: None,
+                profile_url: None,
+                links: Vec::new(),
+            },
         }
     }
 
