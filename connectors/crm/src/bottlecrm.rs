@@ -919,9 +919,7 @@ impl Crm for BottleCrm {
         contact_id: &str,
         names: &[String],
     ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
-        let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        let wanted = tributary_sdk::crm::property_names(names);
         if wanted.is_empty() {
             return Ok(Default::default());
         }

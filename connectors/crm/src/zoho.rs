@@ -970,14 +970,11 @@ impl Crm for ZohoCrm {
         names: &[String],
     ) -> Result<std::collections::BTreeMap<String, String>, CrmError> {
         let contact_id = contact_id.trim();
-        // API names are letters, digits and `_`; anything else cannot be one.
-        let mut wanted: Vec<&str> = names
-            .iter()
-            .map(|name| name.trim())
-            .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        // Field API names are letters, digits and `_`; anything else cannot be one.
+        let mut wanted: Vec<&str> = tributary_sdk::crm::property_names(names)
+            .into_iter()
+            .filter(|n| tributary_sdk::crm::is_api_name(n))
             .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
         if wanted.is_empty() {
             return Ok(Default::default());
         }

@@ -103,6 +103,20 @@ pub struct PlatformRollup {
     pub contributions: u64,
 }
 
+/// The names of a [`Crm::contact_properties`] call: trimmed, without empty
+/// ones, sorted and each once.
+pub fn property_names(names: &[String]) -> Vec<&str> {
+    let mut wanted: Vec<&str> = names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    wanted
+}
+
+/// Whether a name can be a field's API name: ASCII letters, digits and `_`.
+pub fn is_api_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// The CRM's answer for one record of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordOutcome<T> {
