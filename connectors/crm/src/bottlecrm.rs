@@ -597,21 +597,7 @@ fn platform_rollup_fields(platform: &str) -> [(String, String, &'static str); 3]
     ]
 }
 
-/// Text for a one-line text field: line breaks, tabs and other control
-/// characters become spaces, runs of spaces fold, and the text stops (with
-/// `…`) after `max` characters.
-fn one_line(text: &str, max: usize) -> String {
-    let words: Vec<&str> =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
-    let folded = words.join(" ");
-    if folded.chars().count() <= max {
-        return folded;
-    }
-    let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
-    out.truncate(out.trim_end().len());
-    out.push('…');
-    out
-}
+use tributary_sdk::text::one_line;
 
 /// The URL when it is an absolute http(s) URL.
 fn web_link(url: &str) -> Option<String> {

@@ -321,20 +321,7 @@ fn web_link(url: &str) -> Option<String> {
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
 }
 
-/// `text` on one line: every run of whitespace or control characters
-/// becomes one space, and text past `max` characters is cut, ending with `…`.
-fn one_line(text: &str, max: usize) -> String {
-    let words: Vec<&str> =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
-    let folded = words.join(" ");
-    if folded.chars().count() <= max {
-        return folded;
-    }
-    let mut out = cap(&folded, max.saturating_sub(1));
-    out.truncate(out.trim_end().len());
-    out.push('…');
-    out
-}
+use tributary_sdk::text::one_line;
 
 /// A text column's value: the text on one line, `null` when empty (so a
 /// value from an earlier write never stays).

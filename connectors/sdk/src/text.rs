@@ -136,6 +136,22 @@ pub fn website(raw: &str) -> Option<String> {
     Some(link)
 }
 
+/// `text` on one line, for a CRM's one-line text field: every run of
+/// whitespace or control characters becomes one space, and text past
+/// `max_chars` characters is cut, ending with `…`. Nothing is escaped.
+pub fn one_line(text: &str, max_chars: usize) -> String {
+    let words: Vec<&str> =
+        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
+    let folded = words.join(" ");
+    if folded.chars().count() <= max_chars {
+        return folded;
+    }
+    let mut out: String = folded.chars().take(max_chars.saturating_sub(1)).collect();
+    out.truncate(out.trim_end().len());
+    out.push('…');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,22 +32,7 @@ pub(crate) fn web_link(url: &str) -> Option<String> {
     matches!(parsed.scheme(), "http" | "https").then(|| parsed.to_string())
 }
 
-/// `text` on one line for a person field: every run of whitespace or
-/// control characters becomes one space, and text past `max_chars`
-/// characters is cut at the limit, ending with `…`. Custom field values are
-/// plain text in Pipedrive (it escapes them itself), so nothing is escaped.
-pub(crate) fn one_line(text: &str, max_chars: usize) -> String {
-    let words: Vec<&str> =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
-    let folded = words.join(" ");
-    if folded.chars().count() <= max_chars {
-        return folded;
-    }
-    let mut out: String = folded.chars().take(max_chars.saturating_sub(1)).collect();
-    out.truncate(out.trim_end().len());
-    out.push('…');
-    out
-}
+pub(crate) use tributary_sdk::text::one_line;
 
 /// The note content: a `[deleted]` marker, the title, the text, a link, a
 /// line of signals and the key marker, all escaped.

@@ -295,20 +295,7 @@ pub(crate) fn cap(text: &str, max: usize) -> String {
     }
 }
 
-/// Text for a one-line `Text` field: line breaks, tabs and other control
-/// characters become spaces, runs of spaces fold, and the text stops (with
-/// `…`) after `max` characters.
-pub(crate) fn one_line(text: &str, max: usize) -> String {
-    let folded =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect::<Vec<_>>();
-    let folded = folded.join(" ");
-    if folded.chars().count() <= max {
-        return folded;
-    }
-    let mut out = cap(&folded, max.saturating_sub(1)).trim_end().to_owned();
-    out.push('…');
-    out
-}
+pub(crate) use tributary_sdk::text::one_line;
 
 /// A `DateTime` field value.
 pub(crate) fn timestamp(at: DateTime<Utc>) -> String {

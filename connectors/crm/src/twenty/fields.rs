@@ -343,21 +343,7 @@ pub(crate) fn escape_markdown(text: &str) -> String {
     out
 }
 
-/// Text for a one-line `TEXT` field: line breaks, tabs and other control
-/// characters become spaces, runs of spaces fold, and the text stops (with
-/// `…`) after `max` characters.
-pub(crate) fn one_line(text: &str, max: usize) -> String {
-    let words: Vec<&str> =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect();
-    let folded = words.join(" ");
-    if folded.chars().count() <= max {
-        return folded;
-    }
-    let mut out: String = folded.chars().take(max.saturating_sub(1)).collect();
-    out.truncate(out.trim_end().len());
-    out.push('…');
-    out
-}
+pub(crate) use tributary_sdk::text::one_line;
 
 /// Keeps at most `budget` bytes of `text`, cut on a char boundary, with `…`.
 fn cap(text: &str, budget: usize) -> String {

@@ -170,20 +170,7 @@ pub(crate) fn cap(text: &str, max: usize) -> String {
     }
 }
 
-/// Text for a one-line `text` field: line breaks, tabs and other control
-/// characters become spaces, runs of spaces fold, and the text stops (with
-/// `…`) after `max` characters.
-pub(crate) fn one_line(text: &str, max: usize) -> String {
-    let folded =
-        text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).collect::<Vec<_>>();
-    let folded = folded.join(" ");
-    if folded.chars().count() <= max {
-        return folded;
-    }
-    let mut out = cap(&folded, max.saturating_sub(1)).trim_end().to_owned();
-    out.push('…');
-    out
-}
+pub(crate) use tributary_sdk::text::one_line;
 
 /// A `datetime` field value: `2023-11-14T22:13:20+00:00` (Zoho's format).
 pub(crate) fn timestamp(at: DateTime<Utc>) -> String {
