@@ -1844,6 +1844,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_alert_is_queued_once_and_its_body_goes_with_retention() {
+        let (_dir, store) = store();
+        let body = serde_json::json!({"text": "Maya: the export is broken"});
+        assert!(store.enqueue_alert("unhappy", "k1", Some("c1"), &body).await.unwrap());
+        assert!(!store.enqueue_alert("unhappy", "k1", Some("c1"), &body).await.unwrap(), "once per rule and key");
+        assert!(store.enqueue_alert("other-rule", "k1", Some("c1"), &body).await.unwrap());
+        let due = store.due_alerts(10).await.unwrap();
+        assert_eq!(due.len(), 2);
+        store.alert_done(due[0].id, AlertOutcome::Sent).await.unwrap();
+        let later = Utc::now() + chrono::Duration::hours(1);
+        store.alert_done(due[1].id, AlertOutcome::Retry { error: "503".into(), at: later }).await.unwrap();
+        assert!(store.due_alerts(10).await.unwrap().is_empty(), "sent, and the other not due yet");
+
+        // Past retention the sent alert's body goes; its row stays, so it is never sent again.
+        store.prune(Utc::now() + chrono::Duration::seconds(1)).await.unwrap();
+        let payloads: Vec<(String, String)> = store
+            .with(|conn| {
+                let mut query = conn.prepare("SELECT status, payload FROM alerts ORDER BY id")?;
+                let rows = query.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .unwrap();
+        assert_eq!(payloads[0], ("sent".to_owned(), "{}".to_owned()));
+        assert!(payloads[1].1.contains("export is broken"), "a pending alert keeps its body");
+        assert!(!store.enqueue_alert("unhappy", "k1", Some("c1"), &body).await.unwrap());
+    }
+
+    #[tokio::test]
     async fn tokens_are_kept_in_a_file_only_its_owner_reads() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
