@@ -670,10 +670,11 @@ impl Alerts {
     /// Retry with backoff honouring Retry-After, given up after 8 attempts (Failed); other 4xx → Failed with the
     /// destination's answer (scrubbed of the URL). Returns counts.
     pub async fn send_due(&self) -> Result<SendStats, AlertError> {
-        let due = self.store.due_alerts(BATCH).await?;
         let mut stats = SendStats::default();
-        for alert in due {
-            let Some(rule) = self.rule(&alert.rule) else {
+        // Alerts of rules no longer configured fail; each rule's own are
+        // read apart, so a rule held back by its limit never holds up another.
+        for alert in self.store.due_alerts(None, BATCH).await? {
+            if self.rule(&alert.rule).is_none() {
                 let error = format!(
                     "the alert rule `{}` is no longer configured (or is disabled); this alert is not sent",
                     alert.rule
@@ -681,31 +682,34 @@ impl Alerts {
                 tracing::warn!(rule = %alert.rule, key = %alert.key, "{error}");
                 self.store.alert_done(alert.id, AlertOutcome::Failed { error }).await?;
                 stats.failed += 1;
-                continue;
-            };
-            if rule.http.held_for().is_some() || !rule.take_token() {
-                stats.deferred += 1;
-                continue;
             }
-            let outcome = match body_for(&alert.payload, rule.destination) {
-                Some(body) => self.post(rule, &alert, &body).await,
-                None => AlertOutcome::Failed { error: "the queued alert cannot be read; it is not sent".into() },
-            };
-            match &outcome {
-                AlertOutcome::Sent => {
-                    tracing::info!(rule = %rule.name, key = %alert.key, destination = %rule.destination, "alert sent");
-                    stats.sent += 1;
+        }
+        for rule in &self.rules {
+            for alert in self.store.due_alerts(Some(&rule.name), BATCH).await? {
+                if rule.http.held_for().is_some() || !rule.take_token() {
+                    stats.deferred += 1;
+                    continue;
                 }
-                AlertOutcome::Retry { error, at } => {
-                    tracing::warn!(rule = %rule.name, key = %alert.key, error = %error, retry_at = %at, "alert not sent; retrying later");
-                    stats.retried += 1;
+                let outcome = match body_for(&alert.payload, rule.destination) {
+                    Some(body) => self.post(rule, &alert, &body).await,
+                    None => AlertOutcome::Failed { error: "the queued alert cannot be read; it is not sent".into() },
+                };
+                match &outcome {
+                    AlertOutcome::Sent => {
+                        tracing::info!(rule = %rule.name, key = %alert.key, destination = %rule.destination, "alert sent");
+                        stats.sent += 1;
+                    }
+                    AlertOutcome::Retry { error, at } => {
+                        tracing::warn!(rule = %rule.name, key = %alert.key, error = %error, retry_at = %at, "alert not sent; retrying later");
+                        stats.retried += 1;
+                    }
+                    AlertOutcome::Failed { error } => {
+                        tracing::error!(rule = %rule.name, key = %alert.key, error = %error, "alert given up");
+                        stats.failed += 1;
+                    }
                 }
-                AlertOutcome::Failed { error } => {
-                    tracing::error!(rule = %rule.name, key = %alert.key, error = %error, "alert given up");
-                    stats.failed += 1;
-                }
+                self.store.alert_done(alert.id, outcome).await?;
             }
-            self.store.alert_done(alert.id, outcome).await?;
         }
         Ok(stats)
     }
@@ -1612,10 +1616,36 @@ mod tests {
         assert_eq!(alerts.send_due().await.unwrap(), SendStats { sent: 1, deferred: 2, ..SendStats::default() });
         assert_eq!(alerts.send_due().await.unwrap(), SendStats { deferred: 2, ..SendStats::default() });
         assert_eq!(server.received_requests().await.unwrap().len(), 1);
-        let pending = alerts.store.due_alerts(10).await.unwrap();
+        let pending = alerts.store.due_alerts(None, 10).await.unwrap();
         assert_eq!(pending.iter().map(|alert| alert.attempts).collect::<Vec<_>>(), [0, 0], "untouched, still due");
         let statuses: Vec<String> = stored(dir.path()).into_iter().map(|row| row.1).collect();
         assert_eq!(statuses, ["sent", "pending", "pending"]);
+    }
+
+    #[tokio::test]
+    async fn a_rule_held_by_its_limit_never_holds_up_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = hook(200, "ok").await;
+        let toml_text = "[alerts.flood]\ndestination = \"slack\"\nurl = $URL\nmax_per_hour = 6\n\
+                         [alerts.quiet]\ndestination = \"webhook\"\nurl = $URL\nplatforms = [\"zendesk\"]";
+        let rules = rules(dir.path(), &hook_url(&server), toml_text);
+        let alerts = open(dir.path(), &rules, Arc::new(TestCrm::default()));
+        // More than one read of the queue of the flooding rule, queued first.
+        let flood: Vec<_> = (1..=BATCH + 20).map(|id| (numbered(&complaint(), id), "c1".to_owned())).collect();
+        assert_eq!(alerts.consider(&flood).await.unwrap(), BATCH + 20);
+        let ticket = Contribution { platform: "zendesk".into(), ..numbered(&complaint(), 9999) };
+        assert_eq!(alerts.consider(&[(ticket, "c2".to_owned())]).await.unwrap(), 2, "both rules match the ticket");
+
+        let stats = alerts.send_due().await.unwrap();
+        assert_eq!((stats.sent, stats.failed, stats.retried), (2, 0, 0), "{stats:?}");
+        let bodies: Vec<Value> = server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.body).unwrap())
+            .collect();
+        assert!(bodies.iter().any(|b| b["rule"] == "quiet"), "the quiet rule's alert went out: {bodies:?}");
     }
 
     #[test]
@@ -1693,7 +1723,7 @@ mod tests {
             .await;
         let alerts = one_alert(dir.path(), &server).await;
         assert_eq!(alerts.send_due().await.unwrap(), SendStats { retried: 1, ..SendStats::default() });
-        assert!(alerts.store.due_alerts(10).await.unwrap().is_empty(), "not due before the Retry-After");
+        assert!(alerts.store.due_alerts(None, 10).await.unwrap().is_empty(), "not due before the Retry-After");
         let rows = stored(dir.path());
         assert_eq!((rows[0].1.as_str(), rows[0].2), ("pending", 1));
         assert!(rows[0].3.as_deref().unwrap().contains("retry in 120s"), "{rows:?}");

@@ -341,8 +341,8 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
         contact_id: Option<&str>,
         payload: &serde_json::Value,
     ) -> Result<bool, StateError>;
-    /// Alerts due now, oldest first.
-    async fn due_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StateError>;
+    /// Alerts due now, oldest first; of one rule, or of any.
+    async fn due_alerts(&self, rule: Option<&str>, limit: usize) -> Result<Vec<PendingAlert>, StateError>;
     /// Records how sending an alert ended.
     async fn alert_done(&self, id: i64, outcome: AlertOutcome) -> Result<(), StateError>;
 

@@ -1499,14 +1499,15 @@ impl StateStore for SqliteStore {
         .await
     }
 
-    async fn due_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StateError> {
+    async fn due_alerts(&self, rule: Option<&str>, limit: usize) -> Result<Vec<PendingAlert>, StateError> {
+        let rule = rule.map(str::to_owned);
         self.with(move |conn| {
             let mut query = conn.prepare(
                 "SELECT id, rule, key, payload, attempts FROM alerts
-                 WHERE status = 'pending' AND next_attempt_at <= ?1 ORDER BY id LIMIT ?2",
+                 WHERE status = 'pending' AND next_attempt_at <= ?1 AND (?3 IS NULL OR rule = ?3) ORDER BY id LIMIT ?2",
             )?;
             let rows: Vec<(i64, String, String, String, u32)> = query
-                .query_map(params![now_ms(), limit as i64], |r| {
+                .query_map(params![now_ms(), limit as i64, rule], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
                 .collect::<Result<_, _>>()?;
@@ -1850,12 +1851,13 @@ mod tests {
         assert!(store.enqueue_alert("unhappy", "k1", Some("c1"), &body).await.unwrap());
         assert!(!store.enqueue_alert("unhappy", "k1", Some("c1"), &body).await.unwrap(), "once per rule and key");
         assert!(store.enqueue_alert("other-rule", "k1", Some("c1"), &body).await.unwrap());
-        let due = store.due_alerts(10).await.unwrap();
+        let due = store.due_alerts(None, 10).await.unwrap();
         assert_eq!(due.len(), 2);
         store.alert_done(due[0].id, AlertOutcome::Sent).await.unwrap();
         let later = Utc::now() + chrono::Duration::hours(1);
         store.alert_done(due[1].id, AlertOutcome::Retry { error: "503".into(), at: later }).await.unwrap();
-        assert!(store.due_alerts(10).await.unwrap().is_empty(), "sent, and the other not due yet");
+        assert!(store.due_alerts(None, 10).await.unwrap().is_empty(), "sent, and the other not due yet");
+        assert!(store.due_alerts(Some("other-rule"), 10).await.unwrap().is_empty());
 
         // Past retention the sent alert's body goes; its row stays, so it is never sent again.
         store.prune(Utc::now() + chrono::Duration::seconds(1)).await.unwrap();
