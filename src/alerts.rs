@@ -89,6 +89,7 @@ use tracing::Instrument;
 use tributary_sdk::{
     Contribution, Crm, CrmError, HttpClient, HttpError, HttpOptions, Intent, SecretRef,
     signature::{SIGNATURE_HEADER, Signer},
+    text,
 };
 use url::Url;
 
@@ -455,12 +456,7 @@ impl Rule {
         }
         needles.extend(url.path_segments().into_iter().flatten().filter(|s| s.len() >= 6).map(str::to_owned));
         needles.extend(url.query_pairs().map(|(_, value)| value.into_owned()).filter(|value| value.len() >= 6));
-        needles.sort_by_key(|needle| std::cmp::Reverse(needle.len()));
-        let mut text = text.to_owned();
-        for needle in needles {
-            text = text.replace(&needle, "[redacted]");
-        }
-        text
+        tributary_sdk::secret::redact(text, needles.iter().map(String::as_str))
     }
 }
 
@@ -641,16 +637,16 @@ impl Alerts {
                 title: contribution
                     .title
                     .as_deref()
-                    .map(|title| cap(&one_line(title), TITLE_CHARS))
+                    .map(|title| text::one_line(title, TITLE_CHARS))
                     .filter(|title| !title.is_empty()),
                 excerpt: excerpt(&contribution.body),
                 author: FactsAuthor {
-                    handle: contribution.author.handle.as_deref().map(|handle| cap(&one_line(handle), NAME_CHARS)),
+                    handle: contribution.author.handle.as_deref().map(|handle| text::one_line(handle, NAME_CHARS)),
                     display_name: contribution
                         .author
                         .display_name
                         .as_deref()
-                        .map(|name| cap(&one_line(name), NAME_CHARS)),
+                        .map(|name| text::one_line(name, NAME_CHARS)),
                     profile_url: contribution.author.profile_url.as_deref().and_then(web_url),
                 },
                 created_at: contribution.created_at,
@@ -1166,11 +1162,6 @@ fn percent_encode(value: &str) -> String {
     out
 }
 
-/// Runs of whitespace (newlines included) folded into one space.
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// At most `max` characters: cut ones end with `…`.
 fn cap(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -1184,7 +1175,7 @@ fn cap(text: &str, max: usize) -> String {
 
 /// The start of a body on one line, at most [`EXCERPT_CHARS`] whole characters.
 fn excerpt(body: &str) -> String {
-    cap(&one_line(body), EXCERPT_CHARS)
+    text::one_line(body, EXCERPT_CHARS)
 }
 
 #[cfg(test)]

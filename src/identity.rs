@@ -51,9 +51,7 @@ pub enum IdentityError {
 
 /// The link key of a handle an administrator linked before it was seen.
 pub fn handle_alias(platform: &str, handle: &str) -> String {
-    let handle = handle.trim();
-    let handle = handle.strip_prefix("/u/").or_else(|| handle.strip_prefix("u/")).unwrap_or(handle);
-    format!("{platform}@{}", handle.trim_start_matches('@').to_lowercase())
+    format!("{platform}@{}", crate::state::bare_handle(handle).to_lowercase())
 }
 
 /// An identity known to the state store only: an administrator's link, an
@@ -328,6 +326,7 @@ pub async fn link(store: &dyn StateStore, crm: &dyn Crm, a: &Target, b: &Target)
         return Ok(format!("{a} is {b} already"));
     }
     let (contact_a, contact_b) = (contact_of(store, a).await?, contact_of(store, b).await?);
+    let unlinked = if contact_a.is_none() { a } else { b };
     match (contact_a, contact_b) {
         (Some(x), Some(y)) if x == y => Ok(format!("{a} and {b} are one contact ({x}) already")),
         (Some(x), Some(y)) => {
@@ -336,15 +335,10 @@ pub async fn link(store: &dyn StateStore, crm: &dyn Crm, a: &Target, b: &Target)
             merge_contacts(store, crm, &survivor, &merged).await?;
             Ok(format!("merged contact {merged} into {survivor}: {a} and {b} are one person"))
         }
-        (Some(contact), None) => {
-            store.link_identity(&b.key(), &contact, "admin").await?;
+        (Some(contact), None) | (None, Some(contact)) => {
+            store.link_identity(&unlinked.key(), &contact, "admin").await?;
             store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
-            Ok(format!("linked {b} to contact {contact}"))
-        }
-        (None, Some(contact)) => {
-            store.link_identity(&a.key(), &contact, "admin").await?;
-            store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
-            Ok(format!("linked {a} to contact {contact}"))
+            Ok(format!("linked {unlinked} to contact {contact}"))
         }
         (None, None) => {
             store.approve_pair(&a.key(), &b.key(), "linked by an administrator").await?;
@@ -356,10 +350,8 @@ pub async fn link(store: &dyn StateStore, crm: &dyn Crm, a: &Target, b: &Target)
 /// Approves a queued pair: their contacts become one.
 pub async fn approve(store: &dyn StateStore, crm: &dyn Crm, id: i64) -> Result<String, IdentityError> {
     let review = store
-        .reviews(None)
+        .review(id)
         .await?
-        .into_iter()
-        .find(|r| r.id == id)
         .ok_or_else(|| IdentityError::Refused(format!("no review {id}; see `tributary identity pending`")))?;
     let done =
         link(store, crm, &Target::Identity(review.a.identity.clone()), &Target::Identity(review.b.identity.clone()))
@@ -384,8 +376,7 @@ pub async fn reject(store: &dyn StateStore, id: i64) -> Result<(), IdentityError
 pub async fn recheck_handles(store: &dyn StateStore, crm: &dyn Crm) -> Result<(u64, u64), IdentityError> {
     let (mut linked, mut queued) = (0, 0);
     // People active in the last 90 days: one CRM search each, not the whole history.
-    let active_since = chrono::Utc::now() - chrono::Duration::days(90);
-    for profile in store.all_profiles().await?.into_iter().filter(|p| p.last_seen >= active_since) {
+    for profile in store.profiles_seen_since(chrono::Utc::now() - chrono::Duration::days(90)).await? {
         let Some(handle) = profile.handle.clone() else { continue };
         let lookup = ContactLookup::Handle { platform: profile.platform.clone(), handle: handle.clone() };
         let Some(contact) = crm.find_contact(&lookup).await? else { continue };

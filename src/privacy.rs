@@ -93,8 +93,7 @@ pub async fn forget(
     let profiles = {
         let mut profiles = Vec::new();
         for identity in &identities {
-            let (platform, id) = identity.split_once(':').unwrap_or(("", identity));
-            profiles.extend(store.find_profiles(platform, id).await?.into_iter().filter(|p| &p.identity == identity));
+            profiles.extend(store.profile(identity).await?);
         }
         profiles
     };

@@ -168,6 +168,14 @@ pub struct Erased {
     pub activity_ids: Vec<String>,
 }
 
+/// A handle as a platform stores it: without the `u/` or `/u/` of Reddit
+/// or a leading `@`.
+pub fn bare_handle(handle: &str) -> &str {
+    let handle = handle.trim();
+    let handle = handle.strip_prefix("/u/").or_else(|| handle.strip_prefix("u/")).unwrap_or(handle);
+    handle.trim_start_matches('@')
+}
+
 /// The digest under which a forgotten identity or e-mail is remembered:
 /// later polls recognise the person without the store keeping who it was.
 pub fn forgotten_digest(kind: &str, value: &str) -> String {
@@ -281,10 +289,14 @@ pub trait StateStore: tributary_sdk::TokenStore + Send + Sync {
     async fn suggest_reviews(&self, identity: &str) -> Result<u64, StateError>;
     /// The review queue; `status` filters (`pending`, `approved`, `rejected`).
     async fn reviews(&self, status: Option<&str>) -> Result<Vec<Review>, StateError>;
+    /// One review, whatever its status.
+    async fn review(&self, id: i64) -> Result<Option<Review>, StateError>;
     /// Records the decision on a review; `None` when there is no such id.
     async fn decide_review(&self, id: i64, approved: bool) -> Result<Option<Review>, StateError>;
-    /// Every identity seen, with its link.
-    async fn all_profiles(&self) -> Result<Vec<Profile>, StateError>;
+    /// Every identity seen since `since`, with its link.
+    async fn profiles_seen_since(&self, since: DateTime<Utc>) -> Result<Vec<Profile>, StateError>;
+    /// One identity, with its link.
+    async fn profile(&self, identity: &str) -> Result<Option<Profile>, StateError>;
     /// Queues a pair for review with the given evidence; false when the
     /// pair was queued or decided before.
     async fn queue_review(&self, a: &str, b: &str, evidence: &str) -> Result<bool, StateError>;

@@ -445,15 +445,7 @@ fn store_contribution(
 /// The start of a contribution's text, for the rollup's last contribution.
 fn excerpt(c: &Contribution) -> Option<String> {
     let text = if c.body.trim().is_empty() { c.title.as_deref().unwrap_or("") } else { c.body.as_str() };
-    let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if text.is_empty() {
-        return None;
-    }
-    let mut cut: String = text.chars().take(200).collect();
-    if cut.len() < text.len() {
-        cut.push('…');
-    }
-    Some(cut)
+    Some(tributary_sdk::text::one_line(text, 200)).filter(|excerpt| !excerpt.is_empty())
 }
 
 /// `?, ?, ?` for `n` values.
@@ -484,6 +476,29 @@ fn profile(conn: &Connection, identity: &str) -> Result<Option<Profile>, StateEr
     Ok(conn
         .query_row(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.identity = ?1"), [identity], profile_row)
         .optional()?)
+}
+
+fn review_by_id(conn: &Connection, id: i64) -> Result<Option<Review>, StateError> {
+    let row = conn
+        .query_row(
+            "SELECT id, identity_a, identity_b, evidence, status, created_at FROM identity_reviews WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .optional()?;
+    row.map(|row| review_row(conn, row)).transpose()
+}
+
+/// Queues the pair for review, in its one order (`a` < `b`); false when it
+/// was queued or decided before.
+fn queue_review(conn: &Connection, a: &str, b: &str, evidence: &str) -> Result<bool, StateError> {
+    let (a, b) = if a < b { (a, b) } else { (b, a) };
+    let queued = conn.execute(
+        "INSERT INTO identity_reviews (identity_a, identity_b, evidence, created_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (identity_a, identity_b) DO NOTHING",
+        params![a, b, evidence, now_ms()],
+    )?;
+    Ok(queued == 1)
 }
 
 /// A profile for an identity the store never saw (an administrator's link).
@@ -973,10 +988,8 @@ impl StateStore for SqliteStore {
 
     async fn find_profiles(&self, platform: &str, id_or_handle: &str) -> Result<Vec<Profile>, StateError> {
         let platform = platform.to_owned();
-        let wanted = id_or_handle.trim();
-        let handle = wanted.strip_prefix("/u/").or_else(|| wanted.strip_prefix("u/")).unwrap_or(wanted);
-        let handle = handle.trim_start_matches('@').to_owned();
-        let wanted = wanted.to_owned();
+        let wanted = id_or_handle.trim().to_owned();
+        let handle = super::bare_handle(&wanted).to_owned();
         self.with(move |conn| {
             let mut query = conn.prepare(&format!(
                 "SELECT {PROFILE_COLUMNS} FROM profiles p
@@ -1083,12 +1096,7 @@ impl StateStore for SqliteStore {
                         other.handle.as_deref().unwrap_or("")
                     ));
                 }
-                let (a, b) = if me.identity < other.identity { (&me, &other) } else { (&other, &me) };
-                queued += conn.execute(
-                    "INSERT INTO identity_reviews (identity_a, identity_b, evidence, created_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (identity_a, identity_b) DO NOTHING",
-                    params![a.identity, b.identity, evidence.join(", "), now_ms()],
-                )? as u64;
+                queued += u64::from(queue_review(conn, &me.identity, &other.identity, &evidence.join(", "))?);
             }
             Ok(queued)
         })
@@ -1120,37 +1128,34 @@ impl StateStore for SqliteStore {
             if changed == 0 {
                 return Ok(None);
             }
-            let row = conn.query_row(
-                "SELECT id, identity_a, identity_b, evidence, status, created_at FROM identity_reviews WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-            )?;
-            Ok(Some(review_row(conn, row)?))
+            review_by_id(conn, id)
         })
         .await
     }
 
-    async fn all_profiles(&self) -> Result<Vec<Profile>, StateError> {
-        self.with(|conn| {
-            let mut query = conn.prepare(&format!("SELECT {PROFILE_COLUMNS} FROM profiles p ORDER BY p.identity"))?;
-            let found = query.query_map([], profile_row)?.collect::<Result<_, _>>()?;
+    async fn review(&self, id: i64) -> Result<Option<Review>, StateError> {
+        self.with(move |conn| review_by_id(conn, id)).await
+    }
+
+    async fn profiles_seen_since(&self, since: DateTime<Utc>) -> Result<Vec<Profile>, StateError> {
+        self.with(move |conn| {
+            let mut query = conn.prepare(&format!(
+                "SELECT {PROFILE_COLUMNS} FROM profiles p WHERE p.last_seen >= ?1 ORDER BY p.identity"
+            ))?;
+            let found = query.query_map([since.timestamp_millis()], profile_row)?.collect::<Result<_, _>>()?;
             Ok(found)
         })
         .await
     }
 
+    async fn profile(&self, identity: &str) -> Result<Option<Profile>, StateError> {
+        let identity = identity.to_owned();
+        self.with(move |conn| profile(conn, &identity)).await
+    }
+
     async fn queue_review(&self, a: &str, b: &str, evidence: &str) -> Result<bool, StateError> {
-        let (a, b) = if a < b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) };
-        let evidence = evidence.to_owned();
-        self.with(move |conn| {
-            let queued = conn.execute(
-                "INSERT INTO identity_reviews (identity_a, identity_b, evidence, created_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (identity_a, identity_b) DO NOTHING",
-                params![a, b, evidence, now_ms()],
-            )?;
-            Ok(queued == 1)
-        })
-        .await
+        let (a, b, evidence) = (a.to_owned(), b.to_owned(), evidence.to_owned());
+        self.with(move |conn| queue_review(conn, &a, &b, &evidence)).await
     }
 
     async fn approve_pair(&self, a: &str, b: &str, evidence: &str) -> Result<(), StateError> {

@@ -191,8 +191,7 @@ impl BottleCrm {
     }
 
     fn scrub(&self, text: &str) -> String {
-        let token = self.token.expose_secret();
-        if token.len() >= 4 && text.contains(token) { text.replace(token, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.token.expose_secret()])
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, CrmError> {

@@ -715,8 +715,7 @@ impl DynamicsCrm {
     }
 
     fn scrub(&self, text: &str) -> String {
-        let secret = self.client_secret.expose_secret();
-        if secret.len() >= 4 && text.contains(secret) { text.replace(secret, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.client_secret.expose_secret()])
     }
 
     /// One authenticated request to `{environment_url}/api/data/v9.2/{path}`

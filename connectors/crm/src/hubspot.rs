@@ -176,8 +176,7 @@ impl HubSpotCrm {
     /// Replaces the token, should a server ever echo it, in text bound for
     /// an error or a log line.
     fn scrub(&self, text: &str) -> String {
-        let token = self.token.expose_secret();
-        if token.len() >= 4 && text.contains(token) { text.replace(token, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.token.expose_secret()])
     }
 
     /// One authenticated request through the shared client. 401/403 become

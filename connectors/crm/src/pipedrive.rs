@@ -268,8 +268,7 @@ impl PipedriveCrm {
     /// Replaces the token, should a server ever echo it, in text bound for
     /// an error or a log line.
     fn scrub(&self, text: &str) -> String {
-        let token = self.token.expose_secret();
-        if token.len() >= 4 && text.contains(token) { text.replace(token, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.token.expose_secret()])
     }
 
     fn url(&self, path: &str, query: &[(&str, &str)]) -> Result<Url, CrmError> {

@@ -330,8 +330,7 @@ impl SalesforceCrm {
     }
 
     fn scrub(&self, text: &str) -> String {
-        let secret = self.client_secret.expose_secret();
-        if secret.len() >= 4 && text.contains(secret) { text.replace(secret, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.client_secret.expose_secret()])
     }
 
     /// One authenticated request. 401 (after the one renewal) is

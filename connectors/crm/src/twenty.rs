@@ -260,8 +260,7 @@ impl TwentyCrm {
     /// Replaces the key, should a server ever echo it, in text bound for an
     /// error or a log line.
     fn scrub(&self, text: &str) -> String {
-        let key = self.api_key.expose_secret();
-        if key.len() >= 4 && text.contains(key) { text.replace(key, "[redacted]") } else { text.to_owned() }
+        tributary_sdk::secret::redact(text, [self.api_key.expose_secret()])
     }
 
     /// One authenticated request through the shared client. 401/403 become

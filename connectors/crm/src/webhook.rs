@@ -461,14 +461,7 @@ impl WebhookCrm {
     /// Replaces every secret, should a receiver echo one, in text bound for
     /// an error, a rejection or a log line.
     fn scrub(&self, text: &str) -> String {
-        let mut text = text.to_owned();
-        for secret in &self.secrets {
-            let secret = secret.expose_secret().trim();
-            if secret.len() >= 4 && text.contains(secret) {
-                text = text.replace(secret, "[redacted]");
-            }
-        }
-        text
+        tributary_sdk::secret::redact(text, self.secrets.iter().map(|secret| secret.expose_secret().trim()))
     }
 
     /// `t=<unix>,v1=<hex hmac-sha256 of "<t>.<body>">`.

@@ -358,14 +358,7 @@ impl ZohoCrm {
     }
 
     fn scrub(&self, text: &str) -> String {
-        let mut text = text.to_owned();
-        for secret in &self.secrets {
-            let secret = secret.expose_secret();
-            if secret.len() >= 4 && text.contains(secret) {
-                text = text.replace(secret, "[redacted]");
-            }
-        }
-        text
+        tributary_sdk::secret::redact(text, self.secrets.iter().map(|secret| secret.expose_secret()))
     }
 
     fn decode(&self, error: impl std::fmt::Display) -> CrmError {

@@ -58,6 +58,21 @@ impl SecretRef {
     }
 }
 
+/// `text` with every occurrence of each secret replaced by `[redacted]`,
+/// longest first (a secret may contain another). Values shorter than four
+/// characters are left alone: they would redact ordinary words.
+pub fn redact<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    let mut secrets: Vec<&str> = secrets.into_iter().filter(|secret| secret.len() >= 4).collect();
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    let mut text = text.to_owned();
+    for secret in secrets {
+        if text.contains(secret) {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use secrecy::ExposeSecret;
@@ -78,5 +93,15 @@ mod tests {
         let env = SecretRef::Env("TRIBUTARY_TEST_SURELY_UNSET".into()).resolve().unwrap_err();
         assert!(env.to_string().contains("TRIBUTARY_TEST_SURELY_UNSET"));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn redaction_replaces_the_longest_secret_first_and_leaves_short_values() {
+        let text = "token abcdef123456 and abcdef in https://x/abcdef123456?k=abc";
+        assert_eq!(
+            redact(text, ["abcdef", "abcdef123456", "abc"]),
+            "token [redacted] and [redacted] in https://x/[redacted]?k=abc"
+        );
+        assert_eq!(redact("nothing here", ["secret"]), "nothing here");
     }
 }
